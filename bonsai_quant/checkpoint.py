@@ -1,0 +1,251 @@
+"""Reading diffusers checkpoints lazily and writing safetensors shards in bounded memory.
+
+Reading validates every header before any tensor is touched, then streams one tensor at a time through
+safetensors' `pread` backend, which (unlike mmap) keeps resident memory at the size of the tensor in hand.
+Writing declares the whole layout first, so each shard's header is final before its data is streamed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .flux2 import TensorSpec, inventory, read_config
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8,
+          "I8": torch.int8, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header against the file's real size (catches truncation)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes); not a safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    infos, end = {}, 0
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, stop = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry: {entry!r}") from None
+        info = TensorInfo(name, dtype, shape, path)
+        if stop - begin != info.nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} spans {stop - begin} bytes but {entry['dtype']}{list(shape)} needs {info.nbytes}")
+        infos[name] = info
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: truncated or corrupt: the header describes {8 + n + end} bytes, the file has {size}")
+    return infos
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if path.is_file():
+        raise CheckpointError(f"{path}: expected a diffusers checkpoint folder (config.json + safetensors), got a file")
+    if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
+        return path / "transformer"  # a whole pipeline folder: its transformer lives here
+    return path
+
+
+class Checkpoint:
+    """A diffusers FLUX.2 transformer checkpoint: config, validated headers, and lazy tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = _checkpoint_dir(Path(path))
+        self.config = read_config(self.path / "config.json")
+        self.tensors = self._read_headers()
+        self._handles: dict[Path, object] = {}
+
+    def _read_headers(self) -> dict[str, TensorInfo]:
+        index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+            infos: dict[str, TensorInfo] = {}
+            for file in sorted(set(weight_map.values())):
+                header = read_header(self.path / file)
+                for name in header:
+                    if weight_map.get(name) != file:
+                        raise CheckpointError(f"{self.path / file}: tensor {name!r} is not listed for this file in {index.name}")
+                infos.update(header)
+            for name, file in weight_map.items():
+                if name not in infos:
+                    raise CheckpointError(f"{index}: lists tensor {name!r} in {file}, which does not contain it")
+            return infos
+        if single.exists():
+            return read_header(single)
+        raise CheckpointError(f"{self.path}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
+
+    def validate(self, group_size: int | None = None) -> dict[str, TensorSpec]:
+        """Check every tensor against the architecture in config.json; returns the expected specs."""
+        expected = inventory(self.config, str(self.path / "config.json"))
+        problems = []
+        for name in expected:
+            if name not in self.tensors:
+                problems.append(f"missing tensor {name!r} (expected shape {list(expected[name].shape)})")
+        for name, info in self.tensors.items():
+            spec = expected.get(name)
+            if spec is None:
+                problems.append(f"unexpected tensor {name!r} in {info.file.name}: not part of this FLUX.2 config")
+            elif info.shape != spec.shape:
+                problems.append(f"tensor {name!r} has shape {list(info.shape)}, config.json implies {list(spec.shape)}")
+            elif info.dtype not in SOURCE_DTYPES:
+                problems.append(f"tensor {name!r} is {info.dtype}; valid: bfloat16, float16, float32")
+        if problems:
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise CheckpointError(f"{self.path}: does not match its config.json:\n  " + "\n  ".join(problems[:20]) + more)
+        return expected
+
+    def load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), "pt", backend="pread")
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # safetensors' own error types are not stable across versions
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ShardedWriter:
+    """Writes declared tensors into `<stem>.safetensors` or `<stem>-0000i-of-0000n.safetensors` + index.
+
+    The layout is fixed up front (shard assignment in declaration order, then within a shard the widest
+    dtypes first so every tensor starts aligned to its element size), so tensors may be written in any
+    order and identical inputs give identical bytes.
+    """
+
+    def __init__(self, directory: Path, entries: list[Entry], stem: str, max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory, self.stem = Path(directory), stem
+        shards: list[list[Entry]] = [[]]
+        size = 0
+        for e in entries:
+            if shards[-1] and size + e.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += e.nbytes
+        n = len(shards)
+        self.files = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._where: dict[str, tuple[int, int, Entry]] = {}  # name -> (shard index, offset, entry)
+        self._fds: list[int] = []
+        self._pending: set[str] = set()
+        for i, (file, shard) in enumerate(zip(self.files, shards)):
+            shard = sorted(shard, key=lambda e: -e.dtype.itemsize)
+            header, offset = {}, 0
+            if metadata:
+                header["__metadata__"] = metadata
+            for e in shard:
+                header[e.name] = {"dtype": DTYPE_CODES[e.dtype], "shape": list(e.shape),
+                                  "data_offsets": [offset, offset + e.nbytes]}
+                offset += e.nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            fd = os.open(self.directory / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, struct.pack("<Q", len(blob)) + blob)
+            os.ftruncate(fd, 8 + len(blob) + offset)
+            self._fds.append(fd)
+            base = 8 + len(blob)
+            for e in shard:
+                self._where[e.name] = (i, base, e)
+                base += e.nbytes
+                self._pending.add(e.name)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, offset, entry = self._where[name]
+        fd = self._fds[shard]
+        if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise CheckpointError(f"internal: {name} is {tensor.dtype}{list(tensor.shape)}, declared {entry.dtype}{list(entry.shape)}")
+        data = memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+        self._pending.discard(name)
+
+    def close(self) -> list[str]:
+        """Finish the shards (and the index when sharded); returns the file names written."""
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = []
+        if self._pending:
+            raise CheckpointError(f"internal: tensors declared but never written: {sorted(self._pending)[:5]}")
+        files = list(self.files)
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(e.nbytes for _, _, e in self._where.values())},
+                     "weight_map": {name: self.files[i] for name, (i, _, _) in sorted(self._where.items())}}
+            index_name = f"{self.stem}.safetensors.index.json"
+            (self.directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            files.append(index_name)
+        return files
+
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

@@ -1,0 +1,134 @@
+"""What bonsai-quant knows about FLUX.2 transformers: presets, the tensor inventory, and tensor roles.
+
+The inventory is never guessed: it comes from building diffusers' real `Flux2Transformer2DModel` from a
+`config.json` on the meta device, so a checkpoint is checked against exactly what diffusers would load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import CheckpointError
+
+CLASS_NAME = "Flux2Transformer2DModel"
+
+PRESETS: dict[str, dict] = {
+    # REFERENCE.md §1: the published FLUX.2 [klein] 4B transformer.
+    "klein-4b": dict(
+        patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=[32, 32, 32, 32], rope_theta=2000, eps=1e-6, guidance_embeds=False,
+    ),
+    # Same class and block structure, small enough for CPU tests: hidden 256, MLP hidden 768, single-block
+    # output 1024, so every quantized in_features is a multiple of 128.
+    "tiny": dict(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=256, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=[16, 16, 16, 16], rope_theta=2000, eps=1e-6, guidance_embeds=False,
+    ),
+}
+
+ROLES = ("attention", "mlp", "fused_projection", "modulation", "embedder", "norm", "output")
+
+# Order matters: the first pattern that matches a module name gives its role.
+_ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)norm_(q|k|added_q|added_k)$", "norm"),
+    (r"^single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)$", "fused_projection"),
+    (r"^transformer_blocks\.\d+\.attn\.", "attention"),
+    (r"^transformer_blocks\.\d+\.(ff|ff_context)\.", "mlp"),
+    (r"(^|_)modulation", "modulation"),
+    (r"^norm_out\.", "modulation"),
+    (r"^(x_embedder|context_embedder|time_guidance_embed)(\.|$)", "embedder"),
+    (r"^proj_out$", "output"),
+)
+
+
+def role_of(tensor_name: str) -> str:
+    module = tensor_name.rsplit(".", 1)[0]
+    for pattern, role in _ROLE_PATTERNS:
+        if re.search(pattern, module):
+            return role
+    raise CheckpointError(f"tensor {tensor_name!r} has no known FLUX.2 role; is this a FLUX.2 transformer?")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    is_linear_weight: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_config(path: str | Path) -> dict:
+    """Read a diffusers `config.json`, refusing anything that is not a FLUX.2 transformer config."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; a diffusers checkpoint folder holds config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model arguments")
+    cls = config.get("_class_name", CLASS_NAME)
+    if cls != CLASS_NAME:
+        raise CheckpointError(f"{path}: _class_name is {cls!r}; bonsai-quant converts {CLASS_NAME} checkpoints")
+    return config
+
+
+def model_kwargs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def inventory(config: dict, source: str = "config.json") -> dict[str, TensorSpec]:
+    """Every tensor diffusers' Flux2Transformer2DModel has for this config, in state-dict order."""
+    key = json.dumps(model_kwargs(config), sort_keys=True)
+    return _inventory(key, source)
+
+
+@lru_cache(maxsize=8)
+def _inventory(key: str, source: str) -> dict[str, TensorSpec]:
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    kwargs = json.loads(key)
+    try:
+        with init_empty_weights():
+            model = Flux2Transformer2DModel(**kwargs)
+    except Exception as e:  # diffusers raises assorted types for a bad config
+        raise CheckpointError(f"{source}: diffusers cannot build {CLASS_NAME} from it: {e}") from None
+    linear_weights = {
+        f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+    }
+    return {
+        name: TensorSpec(name, tuple(t.shape), role_of(name), name in linear_weights)
+        for name, t in model.state_dict().items()
+    }
+
+
+def build_model(config: dict, dtype=None):
+    """A real diffusers model with random weights, for tests and reference forwards."""
+    from diffusers import Flux2Transformer2DModel
+
+    model = Flux2Transformer2DModel(**model_kwargs(config))
+    return model.to(dtype) if dtype is not None else model
+
+
+def preset_config(name: str) -> dict:
+    if name not in PRESETS:
+        raise CheckpointError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    from diffusers import __version__ as diffusers_version
+
+    return {"_class_name": CLASS_NAME, "_diffusers_version": diffusers_version, **PRESETS[name]}
