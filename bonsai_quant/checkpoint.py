@@ -222,7 +222,7 @@ class ShardedWriter:
         fd = self._fds[shard]
         if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
             raise CheckpointError(f"internal: {name} is {tensor.dtype}{list(tensor.shape)}, declared {entry.dtype}{list(entry.shape)}")
-        data = memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
         while data:
             written = os.pwrite(fd, data, offset)
             data, offset = data[written:], offset + written

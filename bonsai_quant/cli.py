@@ -1,0 +1,143 @@
+"""`bonsai-quant` command line: argument parsing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BonsaiError
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    from .plan import TARGETS
+
+    targets = tuple(t.strip() for t in value.split(",") if t.strip())
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets or len(set(targets)) != len(targets):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a comma-separated subset of {','.join(TARGETS)}")
+    return targets
+
+
+def _recipe(args):
+    from .recipe import default_recipe, load_recipe
+
+    if args.recipe is None:
+        return default_recipe(args.mode or "ternary")
+    recipe = load_recipe(args.recipe)
+    return recipe.with_mode(args.mode) if args.mode and args.mode != recipe.mode else recipe
+
+
+@contextlib.contextmanager
+def _model(args):
+    if args.model is not None:
+        yield args.model
+        return
+    from .convert import default_model
+
+    print("no --model given: using the built-in tiny FLUX.2 model", file=sys.stderr)
+    with default_model() as path:
+        yield path
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert, format_summary
+
+    recipe = _recipe(args)
+    out = args.out or Path(f"{args.model.name if args.model else 'bonsai-tiny'}-{recipe.mode}")
+    with _model(args) as model:
+        report = convert(model, recipe, out, targets=args.target, force=args.force,
+                         max_shard_bytes=args.shard_bytes, verbose=not args.quiet)
+    print(format_summary(report, out))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .checkpoint import Checkpoint
+    from .plan import make_plan, summarize_bytes
+
+    recipe = _recipe(args)
+    with _model(args) as model:
+        plan = make_plan(Checkpoint(model), recipe, args.target)
+        rows = []
+        for target in plan.targets:
+            for d, entries in plan.entries(target):
+                rows.append((d, target, sum(e.nbytes for e in entries)))
+        totals = {t: summarize_bytes(plan, t) for t in plan.targets}
+    if args.json:
+        print(json.dumps({"tensors": [{"name": d.name, "rule": d.rule_label, "action": d.action, "mode": d.mode,
+                                       "target": t, "bytes": b} for d, t, b in rows], "totals": totals}, indent=2))
+        return 0
+    by_name: dict[str, dict] = {}
+    for d, target, nbytes in rows:
+        by_name.setdefault(d.name, {"d": d})[target] = nbytes
+    header = f"{'tensor':<58} {'rule':<38} {'mode':<8}" + "".join(f" {t + ' bytes':>14}" for t in plan.targets)
+    print(header)
+    for row in by_name.values():
+        d = row["d"]
+        mode = d.mode if d.action == "quantize" else "keep"
+        print(f"{d.name:<58} {d.rule_label[:38]:<38} {mode:<8}" + "".join(f" {row[t]:>14,}" for t in plan.targets))
+    print(f"{len(plan.quantized)} tensors quantized, {len(plan.kept)} kept")
+    for t, s in totals.items():
+        print(f"{t}: {s['tensor_bytes']:,} bytes; quantized linears {s['quantized_bytes']:,} bytes at "
+              f"{s['bits_per_weight']:.3f} bits/weight; kept {s['kept_bytes']:,} bytes")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .describe import describe, format_description
+
+    info = describe(args.pack)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bonsai-quant", description="FLUX.2 transformers to binary/ternary packs.")
+    parser.add_argument("--version", action="version", version=f"bonsai-quant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: built-in tiny model)")
+        p.add_argument("--mode", choices=("binary", "ternary"),
+                       help="quantization mode (default: the recipe's; ternary without a recipe)")
+        p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml, the published keep set)")
+        p.add_argument("--target", type=_targets, help="comma-separated: mlx,gemlite (default: the recipe's targets)")
+
+    p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs")
+    model_args(p)
+    p.add_argument("--out", type=Path, help="output folder (default: ./<model>-<mode>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--shard-bytes", type=int, default=2 * 10**9, help="largest weight shard in bytes (default 2e9)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-tensor lines")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plan", help="print tensor -> rule -> mode -> bytes without writing anything")
+    model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("inspect", help="describe a pack folder")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BonsaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""plan -> quantize -> pack -> write, one tensor at a time, into every target at once.
+
+Each source tensor is read once, quantized once, and packed for each target; memory follows the largest
+tensor, never the model. Output is built in a temporary folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import Checkpoint, ShardedWriter
+from .errors import BonsaiError
+from .flux2 import preset_config
+from .output import atomic_output
+from .plan import BITS, Decision, Plan, make_plan, packer, summarize_bytes
+from .quantizers import quantize
+from .recipe import Recipe
+
+FORMAT_VERSION = 1
+PACK_STEM = "model"
+DEFAULT_SHARD_BYTES = 2 * 10**9
+from .describe import CONFIG_NAME
+MANIFEST_NAME = "manifest.json"
+_SAFETENSORS_FORMAT = {"mlx": "mlx", "gemlite": "pt"}
+
+
+@contextlib.contextmanager
+def default_model():
+    """The built-in model: the tiny preset with seed-0 random weights (replaced by a trained one later)."""
+    from .synthetic import write_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="bonsai-tiny-") as tmp:
+        yield write_checkpoint(preset_config("tiny"), Path(tmp) / "tiny", seed=0)
+
+
+def quantization_config(plan: Plan, target: str) -> dict:
+    recipe = plan.recipe
+    modes = sorted({d.mode for d in plan.quantized})
+    return {
+        "format_version": FORMAT_VERSION,
+        "format": target,
+        "tool": {"name": "bonsai-quant", "version": __version__},
+        "mode": modes[0] if len(modes) == 1 else "mixed",
+        "bits": BITS[recipe.mode],
+        "group_size": recipe.group_size,
+        "scale_dtype": recipe.scale_dtype,
+        "weights": f"{PACK_STEM}.safetensors",
+        "quantized": {d.module: {"mode": d.mode, "bits": BITS[d.mode], "solver": d.solver, "role": d.spec.role,
+                                 "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.quantized},
+        "kept": {d.name: {"dtype": str(d.kept_dtype).removeprefix("torch."), "role": d.spec.role,
+                          "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.kept},
+        "skipped_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
+        "recipe": recipe.to_dict(),
+        "recipe_yaml": recipe.text,
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = {"files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                          for p in files}}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def cast_kept(tensor: torch.Tensor, decision: Decision) -> tuple[torch.Tensor, str | None]:
+    """Cast a kept tensor to its output dtype; returns a warning when values do not survive the cast."""
+    dtype = decision.kept_dtype
+    if tensor.dtype == dtype:
+        return tensor, None
+    out = tensor.to(dtype)
+    if torch.isinf(out).any() and not torch.isinf(tensor).any():
+        raise BonsaiError(f"{decision.name}: values overflow {dtype} (max |w| = {tensor.abs().max().item():.4g}); "
+                          "valid: kept_dtype source or bfloat16")
+    changed = out.to(tensor.dtype) != tensor
+    if changed.any():
+        return out, (f"{decision.name}: {int(changed.sum())} of {tensor.numel()} values change in the cast to "
+                     f"{dtype} (flushed or rounded)")
+    return out, None
+
+
+def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | None = None, force: bool = False,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = True) -> dict:
+    start = time.perf_counter()
+    checkpoint = Checkpoint(model)
+    plan = make_plan(checkpoint, recipe, targets)
+    echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
+    records, warnings = [], []
+    with atomic_output(Path(out), force=force) as tmp:
+        writers = {}
+        try:
+            for target in plan.targets:
+                folder = tmp / target
+                folder.mkdir()
+                shutil.copyfile(checkpoint.path / "config.json", folder / "config.json")
+                (folder / CONFIG_NAME).write_text(json.dumps(quantization_config(plan, target), indent=2) + "\n")
+                entries = [e for _, es in plan.entries(target) for e in es]
+                meta = {"format": _SAFETENSORS_FORMAT[target], "producer": f"bonsai-quant {__version__}",
+                        "recipe": recipe.name, "mode": recipe.mode}
+                writers[target] = ShardedWriter(folder, entries, PACK_STEM, max_shard_bytes, meta)
+            total = sum(d.source.nbytes for d in plan.decisions)
+            with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
+                      disable=not (verbose and sys.stderr.isatty())) as bar:
+                for d in plan.decisions:
+                    record, warning = _convert_one(checkpoint, plan, d, writers)
+                    records.append(record)
+                    if warning:
+                        warnings.append(warning)
+                        echo(f"warning: {warning}")
+                    echo(_log_line(d, record))
+                    bar.update(d.source.nbytes)
+            for target, writer in writers.items():
+                writer.close()
+                write_manifest(tmp / target)
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        report = _report(checkpoint, plan, records, warnings, tmp, time.perf_counter() - start)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, writers: dict) -> tuple[dict, str | None]:
+    tensor = checkpoint.load(d.name)
+    record = {"name": d.name, "action": d.action, "rule": d.rule_label, "role": d.spec.role,
+              "shape": list(d.spec.shape), "source_dtype": str(d.source.dtype).removeprefix("torch.")}
+    if d.action == "keep":
+        kept, warning = cast_kept(tensor, d)
+        for writer in writers.values():
+            writer.write(d.name, kept)
+        record["dtype"] = str(kept.dtype).removeprefix("torch.")
+        return record, warning
+    q = quantize(tensor, d.mode, plan.recipe.group_size, plan.scale_dtype, d.solver, name=d.name)
+    for target, writer in writers.items():
+        for suffix, packed in packer(target).pack(q.codes, q.scales, d.mode, plan.recipe.group_size).items():
+            writer.write(f"{d.module}.{suffix}", packed)
+    record.update(mode=d.mode, solver=d.solver, rel_error=q.rel_error)
+    return record, None
+
+
+def _log_line(d: Decision, record: dict) -> str:
+    src = record["source_dtype"].replace("bfloat16", "bf16").replace("float16", "f16").replace("float32", "f32")
+    if d.action == "keep":
+        what = f"keep {record['dtype']}"
+        tail = ""
+    else:
+        what = f"{d.mode} ({d.solver})"
+        tail = f", rel_err = {record['rel_error']:.4f}"
+    return f"{d.name:<58} {src} --> {what:<20} shape = {record['shape']}{tail}"
+
+
+def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path,
+            seconds: float) -> dict:
+    quantized = [r for r in records if r["action"] == "quantize"]
+    numel = {d.name: d.spec.numel for d in plan.decisions}
+    weights = sum(numel[r["name"]] for r in quantized)
+    targets = {}
+    for target in plan.targets:
+        sizes = summarize_bytes(plan, target)
+        sizes["files_bytes"] = sum(p.stat().st_size for p in (folder / target).iterdir() if p.is_file())
+        targets[target] = sizes
+    return {
+        "tool": {"name": "bonsai-quant", "version": __version__},
+        "source": {"path": str(checkpoint.path), "bytes": checkpoint.source_bytes,
+                   "tensors": len(checkpoint.tensors)},
+        "recipe": plan.recipe.to_dict(),
+        "tensors_quantized": len(quantized),
+        "tensors_kept": len(records) - len(quantized),
+        "quantized_weights": weights,
+        "mean_rel_error": sum(r["rel_error"] for r in quantized) / len(quantized) if quantized else 0.0,
+        "weighted_rel_error": (sum(r["rel_error"] * numel[r["name"]] for r in quantized) / weights) if weights else 0.0,
+        "targets": targets,
+        "warnings": warnings,
+        "seconds": round(seconds, 3),
+        "tensors": records,
+    }
+
+
+def format_summary(report: dict, out: Path) -> str:
+    lines = [f"wrote {out}",
+             f"  tensors: {report['tensors_quantized']} quantized ({report['quantized_weights']:,} weights), "
+             f"{report['tensors_kept']} kept; source {report['source']['bytes'] / 1e9:.3f} GB",
+             f"  mean relative error {report['mean_rel_error']:.4f} (weighted by size {report['weighted_rel_error']:.4f})"]
+    for target, t in report["targets"].items():
+        lines.append(f"  {target:<8} {t['files_bytes'] / 1e9:.3f} GB on disk; quantized linears "
+                     f"{t['quantized_bytes'] / 1e9:.3f} GB at {t['bits_per_weight']:.3f} bits/weight, kept "
+                     f"{t['kept_bytes'] / 1e9:.3f} GB")
+    if report["warnings"]:
+        lines.append(f"  {len(report['warnings'])} warning(s): see report.json")
+    lines.append(f"  {report['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Describe a pack folder from its quantization_config.json and safetensors headers (no weights are read)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import read_header
+from .errors import PackError
+
+CONFIG_NAME = "quantization_config.json"
+
+
+def pack_folders(path: Path) -> list[Path]:
+    """A pack folder itself, or the per-target pack folders of a convert output."""
+    path = Path(path)
+    if (path / CONFIG_NAME).exists():
+        return [path]
+    found = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
+    if not found:
+        raise PackError(f"{path}: no {CONFIG_NAME} here or one level down; is this a bonsai-quant pack?")
+    return found
+
+
+def describe(path: Path) -> list[dict]:
+    result = []
+    for folder in pack_folders(path):
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as e:
+            raise PackError(f"{folder / CONFIG_NAME}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        headers = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            headers.update(read_header(file))
+        quant_bytes = weights = 0
+        for module, q in config.get("quantized", {}).items():
+            weights += q["shape"][0] * q["shape"][1]
+            quant_bytes += sum(i.nbytes for n, i in headers.items() if n.rsplit(".", 1)[0] == module)
+        kept_bytes = sum(headers[n].nbytes for n in config.get("kept", {}) if n in headers)
+        result.append({
+            "folder": str(folder), "format": config.get("format"), "mode": config.get("mode"),
+            "bits": config.get("bits"), "group_size": config.get("group_size"),
+            "scale_dtype": config.get("scale_dtype"), "tool": config.get("tool"),
+            "quantized_tensors": len(config.get("quantized", {})), "kept_tensors": len(config.get("kept", {})),
+            "quantized_weights": weights, "quantized_bytes": quant_bytes, "kept_bytes": kept_bytes,
+            "bits_per_weight": 8 * quant_bytes / weights if weights else 0.0,
+            "files_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        })
+    return result
+
+
+def format_description(info: list[dict]) -> str:
+    lines = []
+    for p in info:
+        lines += [f"{p['folder']}: {p['format']} pack, {p['mode']} ({p['bits']}-bit slots), group {p['group_size']}, "
+                  f"{p['scale_dtype']} scales",
+                  f"  {p['quantized_tensors']} quantized tensors ({p['quantized_weights']:,} weights, "
+                  f"{p['quantized_bytes']:,} bytes, {p['bits_per_weight']:.3f} bits/weight)",
+                  f"  {p['kept_tensors']} kept tensors ({p['kept_bytes']:,} bytes); {p['files_bytes']:,} bytes on disk"]
+    return "\n".join(lines)
