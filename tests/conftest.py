@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny FLUX.2 checkpoints written by the project itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bonsai_quant.flux2 import preset_config
+from bonsai_quant.synthetic import write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return preset_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_config):
+    """The tiny preset in bf16, sharded (4 MB shards) with an index, like a real diffusers checkpoint."""
+    return write_checkpoint(tiny_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=0,
+                            max_shard_bytes=4_000_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_fp32(tmp_path_factory, tiny_config):
+    """Single-file fp32 checkpoint of the same architecture."""
+    return write_checkpoint(tiny_config, tmp_path_factory.mktemp("ckpt") / "tiny32", seed=1, dtype=torch.float32)
