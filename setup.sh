@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-command set-up: a virtual environment in .venv with the CPU build of torch, bonsai-quant and its test
+# tools (real MLX on CPU, gemlite's source for its packing oracle), then a first conversion of the built-in
+# tiny model so you can see the whole pipeline work.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements-cpu.txt -e ".[test]"
+# gemlite imports CUDA at import time; the tests only use its pure-torch bit packer, so no deps are needed.
+.venv/bin/python -m pip install --quiet --no-deps gemlite==0.6.0.post2
+if [ "${1:-}" != "--no-convert" ]; then
+  .venv/bin/bonsai-quant convert --mode ternary --out out/bonsai-tiny-ternary --force
+fi
