@@ -8,6 +8,7 @@ the sum of the k largest |w|; we pick the k maximising S_k^2 / k. `threshold` is
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SOLVERS = ("optimal", "threshold")
@@ -17,25 +18,28 @@ def quantize_groups(groups: torch.Tensor, solver: str) -> tuple[torch.Tensor, to
     """groups: float32 [n, group_size] -> (codes int8 in {-1,0,+1}, scale float32 [n])."""
     mag = groups.abs()
     if solver == "optimal":
-        support = _optimal_support(mag)
+        support, scale = _optimal(mag)
     elif solver == "threshold":
         support = mag > 0.7 * mag.mean(dim=-1, keepdim=True)
+        count = support.sum(dim=-1)
+        scale = torch.where(count > 0, (mag * support).sum(dim=-1) / count.clamp(min=1), 0.0)
     else:
         raise ValueError(f"ternary solver {solver!r}; valid: {', '.join(SOLVERS)}")
-    count = support.sum(dim=-1)
-    scale = torch.where(count > 0, (mag * support).sum(dim=-1) / count.clamp(min=1), 0.0)
     codes = torch.sign(groups).to(torch.int8) * support
     return codes.to(torch.int8), scale
 
 
-def _optimal_support(mag: torch.Tensor) -> torch.Tensor:
-    # Stable sort: among equal magnitudes the earlier weight joins the support first, so output is deterministic.
-    ordered, order = torch.sort(mag, dim=-1, descending=True, stable=True)
-    sums = ordered.cumsum(dim=-1, dtype=torch.float64)
-    k = torch.arange(1, mag.shape[-1] + 1, dtype=torch.float64)
+def _optimal(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # numpy's row sort is ~7x faster than torch.sort here, and values suffice: S_k^2/k is convex along a run
+    # of equal magnitudes, so the first maximiser never splits a tie and "|w| >= k-th largest" is exactly the
+    # best support of size k. Sorting -|w| ascending gives the descending order without a reversed copy.
+    # float32 sums: k's whose objectives differ by less than float32 resolution differ in error by far less
+    # than the 16-bit rounding of the scale that follows.
+    ordered = torch.from_numpy(np.sort(np.negative(mag.numpy()), axis=-1))  # -|w|, largest magnitude first
+    sums = ordered.cumsum(dim=-1)  # -S_k
+    k = torch.arange(1, mag.shape[-1] + 1, dtype=torch.float32)
     best = (sums * sums / k).argmax(dim=-1, keepdim=True)  # first maximum: the smallest support wins ties
-    in_support = torch.arange(mag.shape[-1]) <= best
-    in_support &= ordered > 0  # an all-zero group keeps no support
-    support = torch.empty_like(in_support)
-    support.scatter_(-1, order, in_support)
-    return support
+    threshold = -ordered.gather(-1, best)
+    scale = (-sums.gather(-1, best) / (best + 1)).squeeze(-1)
+    support = (mag >= threshold) & (threshold > 0)  # an all-zero group keeps no support
+    return support, scale
