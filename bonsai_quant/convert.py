@@ -116,7 +116,7 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
                 meta = {"format": _SAFETENSORS_FORMAT[target], "producer": f"bonsai-quant {__version__}",
                         "recipe": recipe.name, "mode": recipe.mode}
                 writers[target] = ShardedWriter(folder, entries, PACK_STEM, max_shard_bytes, meta)
-            total = sum(d.source.nbytes for d in plan.decisions)
+            total = sum(d.source_nbytes for d in plan.decisions)
             with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                       disable=not (verbose and sys.stderr.isatty())) as bar:
                 for d in plan.decisions:
@@ -126,7 +126,7 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
                         warnings.append(warning)
                         echo(f"warning: {warning}")
                     echo(_log_line(d, record))
-                    bar.update(d.source.nbytes)
+                    bar.update(d.source_nbytes)
             for target, writer in writers.items():
                 writer.close()
                 write_manifest(tmp / target)
@@ -142,7 +142,7 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, writers: dict) -> tuple[dict, str | None]:
     tensor = checkpoint.load(d.name)
     record = {"name": d.name, "action": d.action, "rule": d.rule_label, "role": d.spec.role,
-              "shape": list(d.spec.shape), "source_dtype": str(d.source.dtype).removeprefix("torch.")}
+              "shape": list(d.spec.shape), "source_dtype": str(d.source_dtype).removeprefix("torch.")}
     if d.action == "keep":
         kept, warning = cast_kept(tensor, d)
         for writer in writers.values():

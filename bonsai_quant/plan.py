@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, Entry, TensorInfo
+from .checkpoint import Checkpoint, Entry
 from .errors import RecipeError
 from .flux2 import TensorSpec
 from .recipe import Recipe, Rule
@@ -34,7 +34,7 @@ def packer(target: str):
 @dataclass(frozen=True)
 class Decision:
     spec: TensorSpec
-    source: TensorInfo
+    source_dtype: torch.dtype
     action: str                 # "quantize" | "keep"
     rule: Rule | None           # None: the default for the tensor's role
     mode: str | None = None     # quantized tensors only
@@ -44,6 +44,10 @@ class Decision:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def source_nbytes(self) -> int:
+        return self.spec.numel * self.source_dtype.itemsize
 
     @property
     def module(self) -> str:
@@ -89,22 +93,27 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe, targets: tuple[str, ...] |
     targets = tuple(targets or recipe.targets)
     for t in targets:
         packer(t)
-    decisions = tuple(_decide(spec, checkpoint.tensors[spec.name], recipe) for spec in specs.values())
+    decisions = decide_all(specs, {n: t.dtype for n, t in checkpoint.tensors.items()}, recipe)
     plan = Plan(recipe, targets, decisions, SCALE_DTYPES[recipe.scale_dtype])
     for t in targets:
         plan.entries(t)  # the packers' layout() refuses shapes the runtime cannot hold: fail before work
     return plan
 
 
-def _decide(spec: TensorSpec, info: TensorInfo, recipe: Recipe) -> Decision:
+def decide_all(specs: dict[str, TensorSpec], dtypes: dict[str, torch.dtype], recipe: Recipe) -> tuple[Decision, ...]:
+    """One decision per tensor, first matching rule wins; also used on in-memory models (fake quantization)."""
+    return tuple(_decide(spec, dtypes[spec.name], recipe) for spec in specs.values())
+
+
+def _decide(spec: TensorSpec, dtype: torch.dtype, recipe: Recipe) -> Decision:
     rule = next((r for r in recipe.rules if r.matches(spec.name)), None)
     if rule is None:
         quantize = spec.is_linear_weight and spec.role in DEFAULT_QUANTIZED_ROLES
     else:
         quantize = rule.action == "quantize"
     if not quantize:
-        kept = info.dtype if recipe.kept_dtype == "source" else KEPT_DTYPES[recipe.kept_dtype]
-        return Decision(spec, info, "keep", rule, kept_dtype=kept)
+        kept = dtype if recipe.kept_dtype == "source" else KEPT_DTYPES[recipe.kept_dtype]
+        return Decision(spec, dtype, "keep", rule, kept_dtype=kept)
     where = f"{rule.source}:{rule.line}: rule 'quantize: {rule.pattern}'" if rule else "default rule"
     if not spec.is_linear_weight:
         raise RecipeError(f"{where} matches {spec.name!r} ({spec.role}, shape {list(spec.shape)}), which is not "
@@ -112,7 +121,7 @@ def _decide(spec: TensorSpec, info: TensorInfo, recipe: Recipe) -> Decision:
     if spec.shape[1] % recipe.group_size:
         raise RecipeError(f"{where}: {spec.name!r} has in_features {spec.shape[1]}, not a multiple of group_size "
                           f"{recipe.group_size}; valid: keep it, or a group_size dividing {spec.shape[1]}")
-    return Decision(spec, info, "quantize", rule, mode=recipe.mode_for(rule), solver=recipe.solver_for(rule))
+    return Decision(spec, dtype, "quantize", rule, mode=recipe.mode_for(rule), solver=recipe.solver_for(rule))
 
 
 def summarize_bytes(plan: Plan, target: str) -> dict:
