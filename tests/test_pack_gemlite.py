@@ -244,6 +244,15 @@ def test_unpack_errors_name_the_key():
         P.unpack({**good, "zeros": zeros}, "binary", 128)
 
 
+def test_unpack_accepts_strided_tensors():
+    # Packs read from disk or sliced by a runtime need not be row-major; unpack must not depend on it.
+    codes, scales = make_codes("ternary", 5, 256, False, 3), make_scales(5, 2, torch.bfloat16, 3)
+    packed = P.pack(codes, scales, "ternary", 128)
+    strided = {k: (v.t().contiguous().t() if v.dim() == 2 else v) for k, v in packed.items()}
+    got_codes, got_scales = P.unpack(strided, "ternary", 128)
+    assert torch.equal(got_codes, codes) and same_bits16(got_scales, scales)
+
+
 def test_unpack_ternary_needs_integer_zero_one():
     good = P.pack(_codes(value=0), _scales(), "ternary", 128)
     with pytest.raises(PackError, match="stores the integer zero 1, got 2"):

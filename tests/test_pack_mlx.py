@@ -219,6 +219,14 @@ def test_unpack_errors_name_the_key():
         P.unpack(good, "ternary", 128)
 
 
+def test_unpack_accepts_strided_tensors():
+    codes, scales = make_codes("binary", 5, 256, False, 3), make_scales(5, 2, torch.float16, 3)
+    packed = P.pack(codes, scales, "binary", 128)
+    strided = {k: v.t().contiguous().t() for k, v in packed.items()}
+    got_codes, got_scales = P.unpack(strided, "binary", 128)
+    assert torch.equal(got_codes, codes) and same_bits16(got_scales, scales)
+
+
 def test_unpack_rejects_the_unused_ternary_slot_value():
     good = P.pack(_codes(value=0), _scales(), "ternary", 128)
     weight = good["weight"].clone()

@@ -111,11 +111,12 @@ def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of pack_bytes: uint8 [rows, n] -> uint8 [rows, n*8/bits]."""
+    """Inverse of pack_bytes: uint8 [rows, n] (any strides) -> uint8 [rows, n*8/bits], row-major."""
     per_byte = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     fields = (packed.unsqueeze(-1) >> shifts).bitwise_and_((1 << bits) - 1)
-    return fields.view(packed.shape[0], packed.shape[1] * per_byte)
+    # The shift's output follows the input's memory order, so a strided input needs reshape, not view.
+    return fields.reshape(packed.shape[0], packed.shape[1] * per_byte).contiguous()
 
 
 def bytes_to_words(packed: torch.Tensor) -> torch.Tensor:
