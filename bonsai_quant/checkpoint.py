@@ -34,6 +34,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # start of the data, relative to the end of the header
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +71,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             begin, stop = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry: {entry!r}") from None
-        info = TensorInfo(name, dtype, shape, path)
+        info = TensorInfo(name, dtype, shape, path, begin)
         if stop - begin != info.nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} spans {stop - begin} bytes but {entry['dtype']}{list(shape)} needs {info.nbytes}")
         infos[name] = info

@@ -7,7 +7,6 @@ tensor, never the model. Output is built in a temporary folder and renamed into 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import sys
@@ -21,7 +20,9 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import Checkpoint, ShardedWriter
 from .errors import BonsaiError
+from .describe import CONFIG_NAME
 from .flux2 import preset_config
+from .manifest import write_manifest
 from .output import atomic_output
 from .plan import BITS, Decision, Plan, make_plan, packer, summarize_bytes
 from .quantizers import quantize
@@ -30,8 +31,6 @@ from .recipe import Recipe
 FORMAT_VERSION = 1
 PACK_STEM = "model"
 DEFAULT_SHARD_BYTES = 2 * 10**9
-from .describe import CONFIG_NAME
-MANIFEST_NAME = "manifest.json"
 _SAFETENSORS_FORMAT = {"mlx": "mlx", "gemlite": "pt"}
 
 
@@ -64,21 +63,6 @@ def quantization_config(plan: Plan, target: str) -> dict:
         "recipe": recipe.to_dict(),
         "recipe_yaml": recipe.text,
     }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = {"files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                          for p in files}}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def cast_kept(tensor: torch.Tensor, decision: Decision) -> tuple[torch.Tensor, str | None]:

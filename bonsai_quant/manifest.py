@@ -1,0 +1,91 @@
+"""sha256 manifests: of every file in a pack, and of every tensor inside its safetensors files.
+
+Per-tensor digests let `verify` name the tensor a corrupted byte belongs to, not just the file. Both kinds
+are computed in one sequential read of each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+from .checkpoint import read_header
+from .errors import BonsaiError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 22
+
+
+def _digest_file(path: Path) -> tuple[str, dict[str, str]]:
+    file_hash, tensors = hashlib.sha256(), {}
+    with open(path, "rb") as f:
+        if path.suffix != ".safetensors":
+            while chunk := f.read(_CHUNK):
+                file_hash.update(chunk)
+            return file_hash.hexdigest(), tensors
+        header = read_header(path)
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        file_hash.update(head + f.read(n))
+        for info in sorted(header.values(), key=lambda i: i.offset):
+            tensor_hash, left = hashlib.sha256(), info.nbytes
+            while left:
+                chunk = f.read(min(left, _CHUNK))
+                tensor_hash.update(chunk)
+                file_hash.update(chunk)
+                left -= len(chunk)
+            tensors[info.name] = tensor_hash.hexdigest()
+    return file_hash.hexdigest(), tensors
+
+
+def write_manifest(folder: Path) -> dict:
+    files, tensors = {}, {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        rel = path.relative_to(folder).as_posix()
+        digest, per_tensor = _digest_file(path)
+        files[rel] = {"bytes": path.stat().st_size, "sha256": digest}
+        tensors.update({name: {"file": rel, "sha256": d} for name, d in per_tensor.items()})
+    manifest = {"format_version": FORMAT_VERSION, "files": files, "tensors": tensors}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def check_manifest(folder: Path) -> list[str]:
+    """Problems found, naming files and tensors; empty when every byte matches the manifest."""
+    path = folder / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+        files, tensors = manifest["files"], manifest["tensors"]
+    except FileNotFoundError:
+        return [f"{path}: missing; a pack made by bonsai-quant convert lists every file's sha256 there"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [f"{path}: not a bonsai-quant manifest (needs 'files' and 'tensors')"]
+    problems = []
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    for extra in sorted(on_disk - set(files)):
+        problems.append(f"{folder / extra}: not listed in {MANIFEST_NAME}")
+    for rel, entry in sorted(files.items()):
+        file = folder / rel
+        if rel not in on_disk:
+            problems.append(f"{file}: listed in {MANIFEST_NAME} but missing")
+            continue
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{file}: {size} bytes, {MANIFEST_NAME} says {entry['bytes']} (truncated or replaced)")
+            continue
+        try:
+            digest, per_tensor = _digest_file(file)
+        except BonsaiError as e:
+            problems.append(str(e))
+            continue
+        if digest == entry["sha256"]:
+            continue
+        changed = [name for name, d in per_tensor.items() if tensors.get(name, {}).get("sha256") != d]
+        if changed:
+            problems += [f"{file}: tensor {name!r} differs from its sha256 in {MANIFEST_NAME}" for name in changed]
+        else:
+            problems.append(f"{file}: sha256 differs from {MANIFEST_NAME} (header bytes changed)")
+    return problems
