@@ -95,6 +95,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .verify import format_report, verify
+
+    report = verify(args.pack, source=args.source, image_tokens=args.image_tokens, text_tokens=args.text_tokens)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonsai-quant", description="FLUX.2 transformers to binary/ternary packs.")
     parser.add_argument("--version", action="version", version=f"bonsai-quant {__version__}")
@@ -124,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pack", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards")
+    p.add_argument("pack", type=Path, help="a pack folder or a convert output folder")
+    p.add_argument("--source", type=Path, help="the checkpoint it was converted from: check against re-quantization")
+    p.add_argument("--image-tokens", type=int, default=64, help="image tokens of the end-to-end forward (default 64)")
+    p.add_argument("--text-tokens", type=int, default=32, help="text tokens of the end-to-end forward (default 32)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -1,0 +1,357 @@
+"""`bonsai-quant verify`: is this pack what the recipe meant, on the runtimes people use?
+
+Steps, in order, each naming the first thing that fails:
+1 integrity    manifest sha256 of every file and tensor; config and quantization_config consistent; every
+               expected tensor present with the right dtype and shape.
+2 exactness    every quantized layer decodes to {-s,+s} / {-s,0,+s} per group; with a source, equals the
+               re-quantization of the source under the recorded recipe, and kept tensors equal the source.
+3 runtimes     MLX: real `mx.dequantize` gives the decoded weights exactly and `QuantizedLinear` reproduces
+               x @ W^T; gemlite: real GemLiteLinearTriton on a CUDA GPU, else skipped with the reason.
+4 end-to-end   the transformer forward from the pack through the reference runtime against diffusers with
+               the decoded (fake-quantized) weights, in float32.
+5 mlx-e2e      the whole transformer forward in MLX from an MLX pack against the same float32 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, read_header
+from .describe import CONFIG_NAME, pack_folders
+from .errors import BonsaiError
+from .flux2 import inventory, model_kwargs, read_config
+from .manifest import check_manifest
+from .plan import BITS, SCALE_DTYPES, decide_all, packer
+from .quantizers import dequantize, quantize
+from .recipe import parse_recipe
+from .runtime.loader import PackReader
+
+# Float32 forward of the same weights, only the summation order differs (the reference runtime multiplies
+# slices of output features; diffusers one matmul). Each output is a sum of <= 12288 products, so reordering
+# moves it by ~sqrt(n) * 2^-24 relative (~7e-6 at klein's widest layer); through the layers errors don't
+# grow by more than a small factor. 1e-4 leaves that margin yet is ~100x below what one wrong group does.
+E2E_BOUND = 1e-4
+# MLX vs torch: different kernels (attention, exp, rsqrt) as well as order; measured 1e-6 to 2e-6 on the tiny
+# model. Same margin argument.
+MLX_E2E_BOUND = 1e-4
+# QuantizedLinear against x @ W^T with W exact in float32: order only (~4e-7 measured).
+MLX_LAYER_BOUND = 1e-5
+# gemlite with fp16 activations against float32: measured 2.9e-4 on an H100 on every klein-4b layer.
+GEMLITE_LAYER_BOUND = 1e-2
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "pass"        # pass | fail | skip
+    detail: str = ""
+    data: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Fail(Exception):
+    pass
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare floats bit for bit (so -0.0 and NaN payloads count), as same-width integers."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
+
+
+def _fail(msg: str):
+    raise _Fail(msg)
+
+
+class PackVerifier:
+    def __init__(self, folder: Path, source: Path | None, image_tokens: int, text_tokens: int, seed: int):
+        self.folder, self.source = folder, source
+        self.image_tokens, self.text_tokens, self.seed = image_tokens, text_tokens, seed
+        self.qconfig: dict = {}
+        self.config: dict = {}
+        self._reader: PackReader | None = None
+
+    def decode(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of one layer, read again each time so memory never holds the whole model."""
+        q = self.qconfig
+        if self._reader is None:
+            self._reader = PackReader(self.folder)
+        pack = packer(q["format"])
+        tensors = {s: self._reader.get(f"{module}.{s}") for s in pack.SUFFIXES}
+        try:
+            return pack.unpack(tensors, q["quantized"][module]["mode"], q["group_size"])
+        except BonsaiError as e:
+            _fail(f"{module}: {e}")
+
+    # -- step 1 -------------------------------------------------------------------------------------------
+    def integrity(self, step: Step) -> None:
+        problems = check_manifest(self.folder)
+        if problems:
+            _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        try:
+            self.qconfig = json.loads((self.folder / CONFIG_NAME).read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            _fail(f"{self.folder / CONFIG_NAME}: unreadable ({e})")
+        q = self.qconfig
+        for key in ("format", "group_size", "scale_dtype", "quantized", "kept"):
+            if key not in q:
+                _fail(f"{self.folder / CONFIG_NAME}: missing key {key!r}")
+        if q["format"] not in ("mlx", "gemlite") or q["scale_dtype"] not in SCALE_DTYPES:
+            _fail(f"{self.folder / CONFIG_NAME}: format {q['format']!r} / scale_dtype {q['scale_dtype']!r} unknown")
+        self.config = read_config(self.folder / "config.json")
+        specs = inventory(self.config, str(self.folder / "config.json"))
+        listed = {f"{m}.weight" for m in q["quantized"]} | set(q["kept"])
+        for name in specs:
+            if name not in listed:
+                _fail(f"{CONFIG_NAME}: tensor {name!r} of the config.json architecture is neither quantized nor kept")
+        for name in sorted(listed - set(specs)):
+            _fail(f"{CONFIG_NAME}: lists {name!r}, which config.json's architecture does not have")
+        expected = {}
+        pack = packer(q["format"])
+        scale_dtype = SCALE_DTYPES[q["scale_dtype"]]
+        for module, info in q["quantized"].items():
+            shape = specs[f"{module}.weight"].shape
+            if list(shape) != list(info["shape"]) or info.get("mode") not in BITS or info.get("bits") != BITS[info["mode"]]:
+                _fail(f"{CONFIG_NAME}: quantized[{module!r}] = {info} does not match config.json shape {list(shape)}")
+            for suffix, (dtype, s) in pack.layout(*shape, info["mode"], q["group_size"], scale_dtype).items():
+                expected[f"{module}.{suffix}"] = (dtype, tuple(s))
+        for name, info in q["kept"].items():
+            expected[name] = (getattr(torch, info["dtype"]), specs[name].shape)
+        headers = {}
+        for file in sorted(self.folder.glob("*.safetensors")):
+            headers.update(read_header(file))
+        for name, (dtype, shape) in expected.items():
+            got = headers.get(name)
+            if got is None:
+                _fail(f"tensor {name!r} is missing from the pack's safetensors")
+            if got.dtype != dtype or got.shape != shape:
+                _fail(f"tensor {name!r} is {got.dtype}{list(got.shape)}, expected {dtype}{list(shape)}")
+        for name in sorted(set(headers) - set(expected)):
+            _fail(f"tensor {name!r} in {headers[name].file.name} is not described by {CONFIG_NAME}")
+        step.detail = f"{len(headers)} tensors in {len(list(self.folder.glob('*.safetensors')))} file(s) match"
+
+    # -- step 2 -------------------------------------------------------------------------------------------
+    def exactness(self, step: Step) -> None:
+        q, reader = self.qconfig, PackReader(self.folder)
+        for module in q["quantized"]:
+            _, scales = self.decode(module)
+            if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+                _fail(f"{module}: scales must be finite and >= 0")
+        step.detail = f"{len(q['quantized'])} layers decode to codes in their alphabet times 16-bit scales"
+        if self.source is None:
+            step.detail += "; no --source, so not compared with a re-quantization"
+            return
+        recipe = parse_recipe(q["recipe_yaml"], f"{self.folder / CONFIG_NAME}:recipe_yaml")
+        ckpt = Checkpoint(self.source)
+        specs = ckpt.validate()
+        if model_kwargs(ckpt.config) != model_kwargs(self.config):
+            _fail(f"--source {self.source}: config.json differs from the pack's")
+        decisions = decide_all(specs, {n: t.dtype for n, t in ckpt.tensors.items()}, recipe)
+        scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
+        for d in decisions:
+            if d.action == "keep":
+                if d.name not in q["kept"]:
+                    _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
+                want = ckpt.load(d.name).to(getattr(torch, q["kept"][d.name]["dtype"]))
+                got = reader.get(d.name)
+                if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+                    idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
+                    _fail(f"kept tensor {d.name!r} differs from the source at {idx}: {got[tuple(idx)].item()} "
+                          f"in the pack, {want[tuple(idx)].item()} in the source")
+                continue
+            if d.module not in q["quantized"]:
+                _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
+            requant = quantize(ckpt.load(d.name), d.mode, recipe.group_size, scale_dtype, d.solver, name=d.name)
+            codes, scales = self.decode(d.module)
+            if not torch.equal(codes, requant.codes):
+                idx = (codes != requant.codes).nonzero()[0].tolist()
+                _fail(f"{d.module}: code at {idx} is {int(codes[tuple(idx)])}, re-quantizing the source gives "
+                      f"{int(requant.codes[tuple(idx)])}")
+            if not torch.equal(_bits(scales), _bits(requant.scales)):
+                idx = (_bits(scales) != _bits(requant.scales)).nonzero()[0].tolist()
+                _fail(f"{d.module}: scale at [out, group] {idx} is {scales[tuple(idx)].item()}, re-quantizing "
+                      f"the source gives {requant.scales[tuple(idx)].item()}")
+        step.detail += f"; equal to re-quantizing {self.source} under the recorded recipe"
+
+    # -- step 3 -------------------------------------------------------------------------------------------
+    def real_runtime(self, step: Step) -> None:
+        if self.qconfig["format"] == "mlx":
+            self._mlx_layers(step)
+        else:
+            self._gemlite_layers(step)
+
+    def _mlx_layers(self, step: Step) -> None:
+        import mlx.core as mx
+        import mlx.nn as mnn
+
+        arrays = {}
+        for file in sorted(self.folder.glob("*.safetensors")):
+            arrays.update(mx.load(str(file)))
+        g, worst = self.qconfig["group_size"], 0.0
+        rng = np.random.default_rng(self.seed)
+        for module, info in self.qconfig["quantized"].items():
+            w = dequantize(*self.decode(module), g).numpy()
+            bits = info["bits"]
+            got = mx.dequantize(arrays[f"{module}.weight"], arrays[f"{module}.scales"], arrays[f"{module}.biases"],
+                                group_size=g, bits=bits)
+            if not np.array_equal(np.array(got.astype(mx.float32)), w):
+                bad = np.argwhere(np.array(got.astype(mx.float32)) != w)[0].tolist()
+                _fail(f"{module}: mlx.core.dequantize gives {np.array(got.astype(mx.float32))[tuple(bad)]} at {bad}, "
+                      f"the pack decodes to {w[tuple(bad)]}")
+            out_f, in_f = info["shape"]
+            layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=bits)
+            layer.weight, layer.scales, layer.biases = (arrays[f"{module}.{s}"] for s in ("weight", "scales", "biases"))
+            x = rng.standard_normal((4, in_f), dtype=np.float32)
+            ref = x @ w.T
+            err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
+            worst = max(worst, err)
+            if err > MLX_LAYER_BOUND:
+                _fail(f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T by {err:.2e} (bound {MLX_LAYER_BOUND})")
+        step.data["max_rel_error"] = worst
+        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig['quantized'])} layers; QuantizedLinear max "
+                       f"rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
+
+    def _gemlite_layers(self, step: Step) -> None:
+        from .runtime.gemlite_backend import gemlite_available
+
+        if not gemlite_available():
+            step.status = "skip"
+            step.detail = ("gemlite needs a CUDA GPU and the gemlite package; " +
+                           ("no CUDA GPU here" if not torch.cuda.is_available() else "gemlite is not installed"))
+            return
+        import gemlite
+        from gemlite.core import DType, GemLiteLinearTriton
+
+        gemlite.set_packing_bitwidth(8)
+        reader, g, worst = PackReader(self.folder), self.qconfig["group_size"], 0.0
+        dt = {"float16": DType.FP16, "bfloat16": DType.BF16}[self.qconfig["scale_dtype"]]
+        act = SCALE_DTYPES[self.qconfig["scale_dtype"]]
+        gen = torch.Generator(device="cuda").manual_seed(self.seed)
+        for module, info in self.qconfig["quantized"].items():
+            out_f, in_f = info["shape"]
+            layer = GemLiteLinearTriton(info["bits"], g, in_f, out_f, dt, dt)
+            layer.load_state_dict({s: reader.get(f"{module}.{s}").cuda() for s in packer("gemlite").SUFFIXES})
+            x = torch.randn(16, in_f, generator=gen, device="cuda")
+            codes, scales = self.decode(module)
+            ref = x @ dequantize(codes.cuda(), scales.cuda(), g).t()
+            err = float((layer(x.to(act)).float() - ref).norm() / ref.norm())
+            worst = max(worst, err)
+            if err > GEMLITE_LAYER_BOUND:
+                _fail(f"{module}: gemlite output differs from x @ W^T by {err:.2e} (bound {GEMLITE_LAYER_BOUND})")
+        step.data["max_rel_error"] = worst
+        step.detail = f"gemlite ran {len(self.qconfig['quantized'])} layers; max rel error {worst:.1e} (bound {GEMLITE_LAYER_BOUND})"
+
+    # -- steps 4 and 5 ------------------------------------------------------------------------------------
+    def inputs(self) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        side = max(1, int(self.image_tokens**0.5))
+        h, w = torch.meshgrid(torch.arange(side), torch.arange(self.image_tokens // side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(h), h, w, torch.zeros_like(h)], -1).reshape(-1, 4).float()
+        txt_ids = torch.zeros(self.text_tokens, 4)
+        txt_ids[:, 3] = torch.arange(self.text_tokens)
+        n = img_ids.shape[0]
+        return {"hidden_states": torch.randn(1, n, self.config["in_channels"], generator=gen),
+                "encoder_hidden_states": torch.randn(1, self.text_tokens, self.config["joint_attention_dim"], generator=gen),
+                "timestep": torch.tensor([0.625]), "img_ids": img_ids, "txt_ids": txt_ids}
+
+    @torch.no_grad()
+    def reference_output(self, inputs: dict) -> torch.Tensor:
+        """diffusers' own forward, float32, with every quantized weight set to its decoded value."""
+        from accelerate import init_empty_weights
+        from diffusers import Flux2Transformer2DModel
+
+        reader, g = PackReader(self.folder), self.qconfig["group_size"]
+        with init_empty_weights():
+            model = Flux2Transformer2DModel(**model_kwargs(self.config))
+        state = {name: reader.get(name).float() for name in self.qconfig["kept"]}
+        for module in self.qconfig["quantized"]:
+            state[f"{module}.weight"] = dequantize(*self.decode(module), g)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()(**inputs, return_dict=False)[0]
+
+    @torch.no_grad()
+    def end_to_end(self, step: Step, inputs: dict, reference: torch.Tensor) -> None:
+        from .runtime import load_transformer
+
+        out = load_transformer(self.folder, dtype=torch.float32)(**inputs, return_dict=False)[0]
+        err = float((out - reference).norm() / reference.norm())
+        step.data["rel_error"] = err
+        step.data["bound"] = E2E_BOUND
+        if self.source is not None:
+            from diffusers import Flux2Transformer2DModel
+
+            full = Flux2Transformer2DModel.from_pretrained(Checkpoint(self.source).path, torch_dtype=torch.float32
+                                                           ).eval()(**inputs, return_dict=False)[0]
+            step.data["rel_error_vs_unquantized_source"] = float((out - full).norm() / full.norm())
+        if err > E2E_BOUND:
+            _fail(f"reference runtime forward differs from diffusers with the decoded weights by {err:.2e} "
+                  f"(bound {E2E_BOUND})")
+        step.detail = (f"reference runtime vs diffusers (fp32, {inputs['hidden_states'].shape[1]} image + "
+                       f"{self.text_tokens} text tokens): rel error {err:.1e} (bound {E2E_BOUND})")
+        if "rel_error_vs_unquantized_source" in step.data:
+            step.detail += f"; vs the unquantized source {step.data['rel_error_vs_unquantized_source']:.3f} (reported)"
+
+    def mlx_end_to_end(self, step: Step, inputs: dict, reference: torch.Tensor) -> None:
+        from .runtime.mlx_flux2 import pack_relative_error
+
+        err = pack_relative_error(self.folder, {k: v.numpy() for k, v in inputs.items()}, reference)
+        step.data.update(rel_error=err, bound=MLX_E2E_BOUND)
+        if err > MLX_E2E_BOUND:
+            _fail(f"MLX transformer forward differs from the torch reference by {err:.2e} (bound {MLX_E2E_BOUND})")
+        step.detail = f"MLX forward from the pack vs torch fp32 reference: rel error {err:.1e} (bound {MLX_E2E_BOUND})"
+
+    def run(self) -> list[Step]:
+        steps: list[Step] = []
+        cache: dict = {}
+
+        def e2e(step):
+            cache.setdefault("inputs", self.inputs())
+            cache.setdefault("reference", self.reference_output(cache["inputs"]))
+            self.end_to_end(step, cache["inputs"], cache["reference"])
+
+        def mlx_e2e(step):
+            if self.qconfig["format"] != "mlx":
+                step.status, step.detail = "skip", "not an MLX pack"
+                return
+            cache.setdefault("inputs", self.inputs())
+            cache.setdefault("reference", self.reference_output(cache["inputs"]))
+            self.mlx_end_to_end(step, cache["inputs"], cache["reference"])
+
+        for name, fn in (("integrity", self.integrity), ("exactness", self.exactness),
+                         ("runtime", self.real_runtime), ("end-to-end", e2e), ("mlx-end-to-end", mlx_e2e)):
+            step = Step(name)
+            start = time.perf_counter()
+            try:
+                fn(step)
+            except (_Fail, BonsaiError) as e:
+                step.status, step.detail = "fail", str(e)
+            step.seconds = round(time.perf_counter() - start, 2)
+            steps.append(step)
+            if step.status == "fail" and name in ("integrity", "exactness"):
+                break  # later steps would only report the same damage less precisely
+        return steps
+
+
+def verify(path: Path, source: Path | None = None, image_tokens: int = 64, text_tokens: int = 32,
+           seed: int = 0) -> dict:
+    packs = []
+    for folder in pack_folders(Path(path)):
+        steps = PackVerifier(folder, source, image_tokens, text_tokens, seed).run()
+        packs.append({"folder": str(folder), "steps": [asdict(s) for s in steps]})
+    ok = all(s["status"] != "fail" for p in packs for s in p["steps"])
+    return {"ok": ok, "packs": packs}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for pack in report["packs"]:
+        lines.append(pack["folder"])
+        for s in pack["steps"]:
+            lines.append(f"  {s['name']:<15} {s['status'].upper():<5} {s['seconds']:>7.2f}s  {s['detail']}")
+    lines.append("verify: " + ("PASS" if report["ok"] else "FAIL"))
+    return "\n".join(lines)
