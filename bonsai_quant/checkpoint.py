@@ -106,7 +106,10 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object of "
+                                      "tensor name -> shard file name)")
             infos: dict[str, TensorInfo] = {}
             for file in sorted(set(weight_map.values())):
                 header = read_header(self.path / file)

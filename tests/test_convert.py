@@ -204,3 +204,35 @@ def test_cli_bad_input_is_one_clear_line(args, message, tiny_ckpt, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def _broken_checkpoint(tiny_ckpt, tmp_path, how):
+    src = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, src)
+    shard = sorted(src.glob("*-00002-of-*.safetensors"))[0]
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif how == "config":
+        (src / "config.json").write_text("{not json")
+    elif how == "shape":
+        config = json.loads((src / "config.json").read_text())
+        config["num_attention_heads"] = 2
+        (src / "config.json").write_text(json.dumps(config))
+    elif how == "index":
+        (src / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": 3}')
+    return src, shard
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "truncated or corrupt: the header describes"),
+    ("config", "config.json: not valid JSON"),
+    ("shape", "has shape [256, 256], config.json implies [128, 256]"),
+    ("index", "not a safetensors index"),
+])
+def test_cli_refuses_a_broken_checkpoint_and_writes_nothing(how, message, tiny_ckpt, tmp_path, capsys):
+    src, shard = _broken_checkpoint(tiny_ckpt, tmp_path, how)
+    out = tmp_path / "out"
+    assert main(["convert", "--model", str(src), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
