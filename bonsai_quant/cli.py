@@ -95,6 +95,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_repack(args) -> int:
+    from .repack import repack
+
+    result = repack(args.src, args.target, args.out, force=args.force, verbose=True)
+    print(f"wrote {result['out']}: {result['target']} pack, {result['files_bytes'] / 1e9:.3f} GB, "
+          f"{result['tensors']} tensors, {result['seconds']:.1f} s")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .verify import format_report, verify
 
@@ -132,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pack", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly")
+    p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/)")
+    p.add_argument("--target", choices=("mlx", "gemlite"), required=True)
+    p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_repack)
 
     p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards")
     p.add_argument("pack", type=Path, help="a pack folder or a convert output folder")

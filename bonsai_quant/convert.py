@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -18,20 +17,17 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import Checkpoint, ShardedWriter
+from .checkpoint import Checkpoint
 from .errors import BonsaiError
-from .describe import CONFIG_NAME
 from .flux2 import preset_config
-from .manifest import write_manifest
 from .output import atomic_output
-from .plan import BITS, Decision, Plan, make_plan, packer, summarize_bytes
+from .packset import PackSet, Slot
+from .plan import BITS, Decision, Plan, make_plan, summarize_bytes
 from .quantizers import quantize
 from .recipe import Recipe
 
 FORMAT_VERSION = 1
-PACK_STEM = "model"
 DEFAULT_SHARD_BYTES = 2 * 10**9
-_SAFETENSORS_FORMAT = {"mlx": "mlx", "gemlite": "pt"}
 
 
 @contextlib.contextmanager
@@ -43,18 +39,20 @@ def default_model():
         yield write_checkpoint(preset_config("tiny"), Path(tmp) / "tiny", seed=0)
 
 
-def quantization_config(plan: Plan, target: str) -> dict:
+def quantization_config(plan: Plan, shard_bytes: int) -> dict:
+    """The pack description; "format" is the only per-target field (PackSet fills it in)."""
     recipe = plan.recipe
     modes = sorted({d.mode for d in plan.quantized})
     return {
         "format_version": FORMAT_VERSION,
-        "format": target,
+        "format": None,
         "tool": {"name": "bonsai-quant", "version": __version__},
         "mode": modes[0] if len(modes) == 1 else "mixed",
         "bits": BITS[recipe.mode],
         "group_size": recipe.group_size,
         "scale_dtype": recipe.scale_dtype,
-        "weights": f"{PACK_STEM}.safetensors",
+        "weights": "model.safetensors",
+        "shard_bytes": shard_bytes,
         "quantized": {d.module: {"mode": d.mode, "bits": BITS[d.mode], "solver": d.solver, "role": d.spec.role,
                                  "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.quantized},
         "kept": {d.name: {"dtype": str(d.kept_dtype).removeprefix("torch."), "role": d.spec.role,
@@ -88,55 +86,43 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
     plan = make_plan(checkpoint, recipe, targets)
     echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     records, warnings = [], []
+    slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
     with atomic_output(Path(out), force=force) as tmp:
-        writers = {}
+        packs = PackSet({t: tmp / t for t in plan.targets}, checkpoint.path / "config.json",
+                        quantization_config(plan, max_shard_bytes), slots)
         try:
-            for target in plan.targets:
-                folder = tmp / target
-                folder.mkdir()
-                shutil.copyfile(checkpoint.path / "config.json", folder / "config.json")
-                (folder / CONFIG_NAME).write_text(json.dumps(quantization_config(plan, target), indent=2) + "\n")
-                entries = [e for _, es in plan.entries(target) for e in es]
-                meta = {"format": _SAFETENSORS_FORMAT[target], "producer": f"bonsai-quant {__version__}",
-                        "recipe": recipe.name, "mode": recipe.mode}
-                writers[target] = ShardedWriter(folder, entries, PACK_STEM, max_shard_bytes, meta)
             total = sum(d.source_nbytes for d in plan.decisions)
             with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                       disable=not (verbose and sys.stderr.isatty())) as bar:
-                for d in plan.decisions:
-                    record, warning = _convert_one(checkpoint, plan, d, writers)
+                for d, slot in zip(plan.decisions, slots):
+                    record, warning = _convert_one(checkpoint, plan, d, slot, packs)
                     records.append(record)
                     if warning:
                         warnings.append(warning)
                         echo(f"warning: {warning}")
                     echo(_log_line(d, record))
                     bar.update(d.source_nbytes)
-            for target, writer in writers.items():
-                writer.close()
-                write_manifest(tmp / target)
+            packs.close()
         except BaseException:
-            for writer in writers.values():
-                writer.abort()
+            packs.abort()
             raise
-        report = _report(checkpoint, plan, records, warnings, tmp, time.perf_counter() - start)
+        report = _report(checkpoint, plan, records, warnings, tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["seconds"] = round(time.perf_counter() - start, 3)
     return report
 
 
-def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, writers: dict) -> tuple[dict, str | None]:
+def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, packs: PackSet) -> tuple[dict, str | None]:
     tensor = checkpoint.load(d.name)
     record = {"name": d.name, "action": d.action, "rule": d.rule_label, "role": d.spec.role,
               "shape": list(d.spec.shape), "source_dtype": str(d.source_dtype).removeprefix("torch.")}
     if d.action == "keep":
         kept, warning = cast_kept(tensor, d)
-        for writer in writers.values():
-            writer.write(d.name, kept)
+        packs.kept(slot, kept)
         record["dtype"] = str(kept.dtype).removeprefix("torch.")
         return record, warning
     q = quantize(tensor, d.mode, plan.recipe.group_size, plan.scale_dtype, d.solver, name=d.name)
-    for target, writer in writers.items():
-        for suffix, packed in packer(target).pack(q.codes, q.scales, d.mode, plan.recipe.group_size).items():
-            writer.write(f"{d.module}.{suffix}", packed)
+    packs.quantized(slot, q.codes, q.scales)
     record.update(mode=d.mode, solver=d.solver, rel_error=q.rel_error)
     return record, None
 
@@ -152,8 +138,7 @@ def _log_line(d: Decision, record: dict) -> str:
     return f"{d.name:<58} {src} --> {what:<20} shape = {record['shape']}{tail}"
 
 
-def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path,
-            seconds: float) -> dict:
+def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path) -> dict:
     quantized = [r for r in records if r["action"] == "quantize"]
     numel = {d.name: d.spec.numel for d in plan.decisions}
     weights = sum(numel[r["name"]] for r in quantized)
@@ -164,7 +149,7 @@ def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: l
         targets[target] = sizes
     return {
         "tool": {"name": "bonsai-quant", "version": __version__},
-        "source": {"path": str(checkpoint.path), "bytes": checkpoint.source_bytes,
+        "source": {"name": checkpoint.path.name, "bytes": checkpoint.source_bytes,
                    "tensors": len(checkpoint.tensors)},
         "recipe": plan.recipe.to_dict(),
         "tensors_quantized": len(quantized),
@@ -174,7 +159,6 @@ def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: l
         "weighted_rel_error": (sum(r["rel_error"] * numel[r["name"]] for r in quantized) / weights) if weights else 0.0,
         "targets": targets,
         "warnings": warnings,
-        "seconds": round(seconds, 3),
         "tensors": records,
     }
 

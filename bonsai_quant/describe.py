@@ -49,10 +49,14 @@ def describe(path: Path) -> list[dict]:
     return result
 
 
+_SLOTS = {("bonsai", "binary"): "1 bit per weight", ("bonsai", "ternary"): "5 trits per byte"}
+
+
 def format_description(info: list[dict]) -> str:
     lines = []
     for p in info:
-        lines += [f"{p['folder']}: {p['format']} pack, {p['mode']} ({p['bits']}-bit slots), group {p['group_size']}, "
+        slots = _SLOTS.get((p["format"], p["mode"]), f"{p['bits']}-bit slots")
+        lines += [f"{p['folder']}: {p['format']} pack, {p['mode']} ({slots}), group {p['group_size']}, "
                   f"{p['scale_dtype']} scales",
                   f"  {p['quantized_tensors']} quantized tensors ({p['quantized_weights']:,} weights, "
                   f"{p['quantized_bytes']:,} bytes, {p['bits_per_weight']:.3f} bits/weight)",

@@ -16,7 +16,7 @@ from .errors import RecipeError
 from .flux2 import TensorSpec
 from .recipe import Recipe, Rule
 
-TARGETS = ("mlx", "gemlite")
+TARGETS = ("mlx", "gemlite", "bonsai")
 # Roles whose linears are quantized when no rule names them: the matmul-heavy block projections. Everything
 # else (embedders, modulation, output, norms) stays 16-bit unless a rule asks, as in the published release.
 DEFAULT_QUANTIZED_ROLES = ("attention", "mlp", "fused_projection")
@@ -67,16 +67,10 @@ class Plan:
 
     def entries(self, target: str) -> list[tuple[Decision, list[Entry]]]:
         """Output tensors per decision for one target, in plan order."""
-        pack = packer(target)
-        result = []
-        for d in self.decisions:
-            if d.action == "keep":
-                result.append((d, [Entry(d.name, d.kept_dtype, d.spec.shape)]))
-            else:
-                out_f, in_f = d.spec.shape
-                lay = pack.layout(out_f, in_f, d.mode, self.recipe.group_size, self.scale_dtype)
-                result.append((d, [Entry(f"{d.module}.{suffix}", dt, tuple(shape)) for suffix, (dt, shape) in lay.items()]))
-        return result
+        from .packset import Slot, slot_entries
+
+        return [(d, slot_entries(Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype), target,
+                                 self.recipe.group_size, self.scale_dtype)) for d in self.decisions]
 
     @property
     def quantized(self) -> list[Decision]:

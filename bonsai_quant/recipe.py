@@ -27,7 +27,8 @@ DEFAULT_SOLVERS = {"binary": "absmean", "ternary": "optimal"}
 GROUP_SIZES = (32, 64, 128)  # what MLX's 1- and 2-bit kernels accept
 SCALE_DTYPES = ("float16", "bfloat16")
 KEPT_DTYPES = ("source", "float16", "bfloat16", "float32")
-TARGETS = ("mlx", "gemlite")
+TARGETS = ("mlx", "gemlite", "bonsai")
+DEFAULT_TARGETS = ("mlx", "gemlite")
 
 _TOP_KEYS = ("format_version", "name", "mode", "group_size", "scale_dtype", "kept_dtype", "solver", "targets",
              "rules")
@@ -222,7 +223,7 @@ class _Parser:
         solver = DEFAULT_SOLVERS[mode]
         if "solver" in fields:
             solver = self.solver(fields["solver"], "solver", mode, mode_note)
-        targets = self.targets(fields["targets"]) if "targets" in fields else TARGETS
+        targets = self.targets(fields["targets"]) if "targets" in fields else DEFAULT_TARGETS
         rules = self.rules(fields["rules"], mode, mode_note) if "rules" in fields else ()
         return Recipe(name=name, mode=mode, group_size=group_size, scale_dtype=scale_dtype, kept_dtype=kept_dtype,
                       solver=solver, targets=targets, rules=rules, source=self.source, text=text)

@@ -101,7 +101,7 @@ class PackVerifier:
         for key in ("format", "group_size", "scale_dtype", "quantized", "kept"):
             if key not in q:
                 _fail(f"{self.folder / CONFIG_NAME}: missing key {key!r}")
-        if q["format"] not in ("mlx", "gemlite") or q["scale_dtype"] not in SCALE_DTYPES:
+        if q["format"] not in ("mlx", "gemlite", "bonsai") or q["scale_dtype"] not in SCALE_DTYPES:
             _fail(f"{self.folder / CONFIG_NAME}: format {q['format']!r} / scale_dtype {q['scale_dtype']!r} unknown")
         self.config = read_config(self.folder / "config.json")
         specs = inventory(self.config, str(self.folder / "config.json"))
@@ -180,10 +180,14 @@ class PackVerifier:
 
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
-        if self.qconfig["format"] == "mlx":
+        fmt = self.qconfig["format"]
+        if fmt == "mlx":
             self._mlx_layers(step)
-        else:
+        elif fmt == "gemlite":
             self._gemlite_layers(step)
+        else:
+            step.status = "skip"
+            step.detail = "compact distribution format: no runtime reads it directly (bonsai-quant repack turns it into one)"
 
     def _mlx_layers(self, step: Step) -> None:
         import mlx.core as mx

@@ -37,3 +37,14 @@ def gemlite_rows(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, b
     else:
         w.mul_(s).add_(zeros[:, start:stop].t().to(dtype).unsqueeze(-1))
     return w.view(rows, -1)
+
+
+def bonsai_rows(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, start: int, stop: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Dense rows of the compact layout (1-bit signs, or 5 trits per byte), through its own exact unpack."""
+    from ..packing import bonsai
+
+    mode = "binary" if bits == 1 else "ternary"
+    c, s = bonsai.unpack({"codes": codes[start:stop], "scales": scales[start:stop]}, mode, group_size)
+    rows = c.shape[0]
+    return (c.view(rows, -1, group_size).to(dtype) * s.to(dtype).unsqueeze(-1)).view(rows, -1)

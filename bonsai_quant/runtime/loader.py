@@ -11,9 +11,9 @@ from ..checkpoint import read_header
 from ..describe import CONFIG_NAME, pack_folders
 from ..errors import PackError
 from ..flux2 import model_kwargs, read_config
-from .packed_linear import PackedLinear
+from .packed_linear import LAYOUT_BUFFERS, PackedLinear
 
-TARGET_PREFERENCE = ("mlx", "gemlite")
+TARGET_PREFERENCE = ("mlx", "gemlite", "bonsai")
 
 
 def resolve_pack(path: Path, target: str | None = None) -> Path:
@@ -27,7 +27,7 @@ def resolve_pack(path: Path, target: str | None = None) -> Path:
     for fmt in TARGET_PREFERENCE:
         if fmt in formats:
             return formats[fmt]
-    raise PackError(f"{path}: no MLX or gemlite pack found (formats: {sorted(map(str, formats))})")
+    raise PackError(f"{path}: no MLX, gemlite or bonsai pack found (formats: {sorted(map(str, formats))})")
 
 
 def pack_files(folder: Path) -> dict[str, Path]:
@@ -73,7 +73,9 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     layout = qconfig.get("format")
     config = read_config(folder / "config.json")
     reader = PackReader(folder)
-    suffixes = ("weight", "scales", "biases") if layout == "mlx" else ("W_q", "scales", "zeros")
+    if layout not in LAYOUT_BUFFERS:
+        raise PackError(f"{folder}: format {layout!r} in {CONFIG_NAME}; valid: {', '.join(LAYOUT_BUFFERS)}")
+    suffixes = LAYOUT_BUFFERS[layout]
     with init_empty_weights():
         model = Flux2Transformer2DModel(**model_kwargs(config))
     for module, q in qconfig["quantized"].items():

@@ -11,6 +11,9 @@ import torch
 from . import decode
 
 SLICE_BYTES = 32 * 2**20
+LAYOUT_BUFFERS = {"mlx": ("weight", "scales", "biases"), "gemlite": ("W_q", "scales", "zeros"),
+                  "bonsai": ("codes", "scales")}
+_DECODERS = {"mlx": decode.mlx_rows, "gemlite": decode.gemlite_rows, "bonsai": decode.bonsai_rows}
 
 
 class PackedLinear(torch.nn.Module):
@@ -19,19 +22,18 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, layout: str, in_features: int, out_features: int, bits: int, group_size: int,
                  buffers: dict[str, torch.Tensor]):
         super().__init__()
-        if layout not in ("mlx", "gemlite"):
+        if layout not in LAYOUT_BUFFERS:
             raise ValueError(f"unknown layout {layout!r}")
         self.layout, self.in_features, self.out_features = layout, in_features, out_features
         self.bits, self.group_size = bits, group_size
-        names = ("weight", "scales", "biases") if layout == "mlx" else ("W_q", "scales", "zeros")
+        names = LAYOUT_BUFFERS[layout]
         for name in names:
             self.register_buffer(name, buffers[name])
         self._names = names
 
     def dense_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        fn = decode.mlx_rows if self.layout == "mlx" else decode.gemlite_rows
-        a, b, c = (getattr(self, n) for n in self._names)
-        return fn(a, b, c, self.bits, self.group_size, start, stop, dtype)
+        buffers = [getattr(self, n) for n in self._names]
+        return _DECODERS[self.layout](*buffers, self.bits, self.group_size, start, stop, dtype)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dense_rows(0, self.out_features, dtype)
