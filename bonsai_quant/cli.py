@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens of the end-to-end forward (default 32)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
