@@ -104,6 +104,45 @@ def cmd_repack(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    from .release import check_release, plan_release, release
+
+    if args.check is not None:
+        result = check_release(args.check)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            from .verify import format_report
+
+            for problem in result["manifest"]:
+                print(f"manifest: {problem}")
+            if result["packs"]:
+                print(format_report(result))
+            print("release check: " + ("PASS" if result["ok"] else "FAIL"))
+        return 0 if result["ok"] else 1
+    if args.model is None or args.out is None:
+        raise BonsaiError("release needs --model and --out (or --check FOLDER); see bonsai-quant release --help")
+    recipe = _recipe(args)
+    targets = args.targets or ("bonsai", "mlx", "gemlite")
+    if args.dry_run:
+        info = plan_release(args.model, recipe, targets)
+        print(f"{args.out} would hold {info['quantized']} quantized and {info['kept']} kept tensors per pack:")
+        for t, s in info["targets"].items():
+            print(f"  {t:<8} {s['tensor_bytes'] / 1e9:.3f} GB ({s['bits_per_weight']:.3f} bits/weight), "
+                  f"{info['source_bytes'] / s['tensor_bytes']:.1f}x smaller than the source")
+        return 0
+    result = release(args.model, recipe, args.out, targets=targets, force=args.force,
+                     run_verify=not args.no_verify, base_model=args.base_model, license=args.license,
+                     verbose=not args.quiet)
+    from .convert import format_summary
+
+    print(format_summary(result["report"], args.out))
+    if result["verify"] is not None:
+        print("verify: " + ("PASS" if result["verify"]["ok"] else "FAIL (see verify.json)"))
+        return 0 if result["verify"]["ok"] else 1
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .verify import format_report, verify
 
@@ -148,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_repack)
+
+    p = sub.add_parser("release", help="build a publishable folder (packs, model card, manifest) or --check one")
+    p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder")
+    p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
+    p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
+    p.add_argument("--out", type=Path, help="release folder to write")
+    p.add_argument("--targets", type=_targets, help="packs to include (default: bonsai,mlx,gemlite)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
+    p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")
+    p.add_argument("--base-model", default="black-forest-labs/FLUX.2-klein-4B", help="for the model card")
+    p.add_argument("--license", default="apache-2.0", help="license id for the model card front matter")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="with --check: a JSON report")
+    p.set_defaults(func=cmd_release, target=None)
 
     p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards")
     p.add_argument("pack", type=Path, help="a pack folder or a convert output folder")

@@ -81,34 +81,42 @@ def cast_kept(tensor: torch.Tensor, decision: Decision) -> tuple[torch.Tensor, s
 
 def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | None = None, force: bool = False,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = True) -> dict:
+    """Quantize `model` under `recipe` into `out/<target>/` for each target, atomically; returns the report."""
     start = time.perf_counter()
     checkpoint = Checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
+    with atomic_output(Path(out), force=force) as tmp:
+        report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 verbose: bool = False) -> dict:
+    """The work of `convert` inside an existing (temporary) folder: packs and report.json."""
     echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     records, warnings = [], []
     slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
-    with atomic_output(Path(out), force=force) as tmp:
-        packs = PackSet({t: tmp / t for t in plan.targets}, checkpoint.path / "config.json",
-                        quantization_config(plan, max_shard_bytes), slots)
-        try:
-            total = sum(d.source_nbytes for d in plan.decisions)
-            with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
-                      disable=not (verbose and sys.stderr.isatty())) as bar:
-                for d, slot in zip(plan.decisions, slots):
-                    record, warning = _convert_one(checkpoint, plan, d, slot, packs)
-                    records.append(record)
-                    if warning:
-                        warnings.append(warning)
-                        echo(f"warning: {warning}")
-                    echo(_log_line(d, record))
-                    bar.update(d.source_nbytes)
-            packs.close()
-        except BaseException:
-            packs.abort()
-            raise
-        report = _report(checkpoint, plan, records, warnings, tmp)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    report["seconds"] = round(time.perf_counter() - start, 3)
+    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json",
+                    quantization_config(plan, max_shard_bytes), slots)
+    try:
+        total = sum(d.source_nbytes for d in plan.decisions)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
+                  disable=not (verbose and sys.stderr.isatty())) as bar:
+            for d, slot in zip(plan.decisions, slots):
+                record, warning = _convert_one(checkpoint, plan, d, slot, packs)
+                records.append(record)
+                if warning:
+                    warnings.append(warning)
+                    echo(f"warning: {warning}")
+                echo(_log_line(d, record))
+                bar.update(d.source_nbytes)
+        packs.close()
+    except BaseException:
+        packs.abort()
+        raise
+    report = _report(checkpoint, plan, records, warnings, folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -41,9 +41,15 @@ def _digest_file(path: Path) -> tuple[str, dict[str, str]]:
     return file_hash.hexdigest(), tensors
 
 
+def _files(folder: Path) -> list[Path]:
+    """Every file under folder but its own manifest (a release lists its packs' manifests too)."""
+    own = folder / MANIFEST_NAME
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p != own)
+
+
 def write_manifest(folder: Path) -> dict:
     files, tensors = {}, {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in _files(folder):
         rel = path.relative_to(folder).as_posix()
         digest, per_tensor = _digest_file(path)
         files[rel] = {"bytes": path.stat().st_size, "sha256": digest}
@@ -64,7 +70,7 @@ def check_manifest(folder: Path) -> list[str]:
     except (json.JSONDecodeError, KeyError, TypeError):
         return [f"{path}: not a bonsai-quant manifest (needs 'files' and 'tensors')"]
     problems = []
-    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    on_disk = {p.relative_to(folder).as_posix() for p in _files(folder)}
     for extra in sorted(on_disk - set(files)):
         problems.append(f"{folder / extra}: not listed in {MANIFEST_NAME}")
     for rel, entry in sorted(files.items()):

@@ -1,0 +1,126 @@
+"""`release`: a folder ready to publish — packs, model card, recipe, verify results, manifest — and `--check`.
+
+Everything written is a function of (checkpoint, recipe, options): no dates, timings or absolute paths, so two
+runs give byte-identical folders and a published manifest can be re-derived by anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .convert import DEFAULT_SHARD_BYTES, convert_into
+from .manifest import check_manifest, write_manifest
+from .output import atomic_output
+from .plan import make_plan, summarize_bytes
+from .recipe import Recipe
+from .verify import verify
+
+ALL_TARGETS = ("bonsai", "mlx", "gemlite")
+_PACK_ROLE = {"bonsai": "compact distribution (repack to a runtime layout)", "mlx": "MLX (Apple Silicon)",
+              "gemlite": "gemlite (CUDA)"}
+
+
+def plan_release(model: Path, recipe: Recipe, targets: tuple[str, ...] = ALL_TARGETS) -> dict:
+    """What a release would hold, from headers alone (the --dry-run)."""
+    checkpoint = Checkpoint(model)
+    plan = make_plan(checkpoint, recipe, targets)
+    return {"source_bytes": checkpoint.source_bytes, "quantized": len(plan.quantized), "kept": len(plan.kept),
+            "targets": {t: summarize_bytes(plan, t) for t in targets}}
+
+
+def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] = ALL_TARGETS, force: bool = False,
+            run_verify: bool = True, evaluation: dict | None = None, grid: Path | None = None,
+            base_model: str = "black-forest-labs/FLUX.2-klein-4B", license: str = "apache-2.0",
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False) -> dict:
+    start = time.perf_counter()
+    checkpoint = Checkpoint(model)
+    plan = make_plan(checkpoint, recipe, targets)
+    with atomic_output(Path(out), force=force) as tmp:
+        report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose)
+        (tmp / "recipe.yaml").write_text(recipe.text)
+        checks = verify(tmp) if run_verify else None
+        if checks is not None:
+            for pack in checks["packs"]:
+                pack["folder"] = Path(pack["folder"]).name
+                for step in pack["steps"]:
+                    step.pop("seconds", None)
+            (tmp / "verify.json").write_text(json.dumps(checks, indent=2) + "\n")
+        if evaluation is not None:
+            (tmp / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+        if grid is not None:
+            shutil.copyfile(grid, tmp / "samples.png")
+        (tmp / "README.md").write_text(model_card(report, recipe, checks, evaluation, grid is not None,
+                                                  base_model, license))
+        write_manifest(tmp)
+    report["seconds"] = round(time.perf_counter() - start, 3)  # after writing: the folder has no timings
+    return {"report": report, "verify": checks}
+
+
+def check_release(folder: Path) -> dict:
+    """Re-verify a downloaded release: its manifest first, then every pack."""
+    folder = Path(folder)
+    problems = check_manifest(folder)
+    if problems:
+        return {"ok": False, "manifest": problems, "packs": []}
+    result = verify(folder)
+    return {"ok": result["ok"], "manifest": [], "packs": result["packs"]}
+
+
+def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: dict | None, has_grid: bool,
+               base_model: str, license: str) -> str:
+    mode = recipe.mode
+    source_gb = report["source"]["bytes"] / 1e9
+    front = ["---", f"license: {license}", f"base_model: {base_model}", "base_model_relation: quantized",
+             "library_name: diffusers", "pipeline_tag: text-to-image", "tags:", "- flux2", "- quantized",
+             f"- {mode}", "- bonsai-quant", *[f"- {t}" for t in report["targets"]], "---", ""]
+    lines = [f"# {base_model.split('/')[-1]} — {mode} ({recipe.name})", "",
+             f"The transformer of [{base_model}](https://huggingface.co/{base_model}) with its "
+             f"{report['tensors_quantized']} matmul-heavy linear layers ({report['quantized_weights']:,} weights) "
+             f"stored as {'{-1,+1}' if mode == 'binary' else '{-1,0,+1}'} codes times one {recipe.scale_dtype} scale "
+             f"per group of {recipe.group_size}, and the {report['tensors_kept']} precision-sensitive tensors "
+             f"(embedders, modulation, output projection, norms) kept in 16-bit. Made with bonsai-quant "
+             f"{__version__} from the recipe in `recipe.yaml`; mean relative weight error "
+             f"{report['mean_rel_error']:.4f}.", "", "## Footprint", "",
+             "| pack | for | size | bits/weight (quantized layers) | reduction |", "| --- | --- | --- | --- | --- |",
+             f"| source (`{report['source']['name']}`) | 16-bit | {source_gb:.3f} GB | 16 | 1.0x |"]
+    for target, t in report["targets"].items():
+        lines.append(f"| `{target}/` | {_PACK_ROLE[target]} | {t['files_bytes'] / 1e9:.3f} GB | "
+                     f"{t['bits_per_weight']:.3f} | {report['source']['bytes'] / t['files_bytes']:.1f}x |")
+    lines += ["", "Sizes are decimal GB of the files in each folder; every file's size and sha256 is in "
+              "`manifest.json`.", ""]
+    keep = [f"`{r.pattern}`" for r in recipe.rules if r.action == "keep"]
+    lines += ["## Kept in 16-bit", "", ", ".join(keep) or "(the default: every tensor outside the block linears)", ""]
+    if checks is not None:
+        lines += ["## Verification", "", "`bonsai-quant verify` on each pack:", "",
+                  "| pack | " + " | ".join(s["name"] for s in checks["packs"][0]["steps"]) + " |",
+                  "| --- |" + " --- |" * len(checks["packs"][0]["steps"])]
+        for pack in checks["packs"]:
+            lines.append(f"| `{pack['folder']}/` | " + " | ".join(_step_cell(s) for s in pack["steps"]) + " |")
+        lines += ["", "Details in `verify.json`.", ""]
+    if evaluation is not None:
+        lines += ["## Quality", "", "| model | accuracy | Fréchet distance | retention |", "| --- | --- | --- | --- |"]
+        for row in evaluation.get("rows", []):
+            lines.append(f"| {row['name']} | {row['accuracy']:.3f} | {row['frechet']:.2f} | "
+                         f"{row.get('retention', 1.0):.1%} |")
+        lines.append("")
+        if has_grid:
+            lines += ["![samples](samples.png)", ""]
+    lines += ["## Use", "", "```python", "import torch", "from bonsai_quant import load_transformer",
+              "transformer = load_transformer(\"path/to/this/folder\")  # gemlite on CUDA when installed, else the "
+              "reference runtime", "```", "", "On a Mac, the `mlx/` folder loads with `mlx.nn.QuantizedLinear` "
+              f"(group size {recipe.group_size}); `bonsai-quant repack bonsai --target mlx|gemlite` rebuilds either "
+              "runtime pack from the compact one, byte for byte.", "",
+              "Check a download with `bonsai-quant release --check <folder>`.", ""]
+    return "\n".join(front + lines)
+
+
+def _step_cell(step: dict) -> str:
+    if step["status"] == "skip":
+        return "skipped"
+    err = step.get("data", {}).get("rel_error", step.get("data", {}).get("max_rel_error"))
+    return step["status"] + (f" ({err:.1e})" if err is not None else "")

@@ -1,0 +1,97 @@
+"""The release pipeline on the tiny model: folder contents, reproducibility, --check, loading."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from bonsai_quant import load_transformer
+from bonsai_quant.cli import main
+from bonsai_quant.recipe import default_recipe
+from bonsai_quant.release import check_release, release
+from bonsai_quant.runtime import PackedLinear
+
+
+@pytest.fixture(scope="module")
+def released(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("release") / "bonsai-tiny-binary"
+    result = release(tiny_ckpt, default_recipe("binary"), out)
+    return out, result
+
+
+def test_release_folder_contents(released):
+    out, result = released
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bonsai", "gemlite", "manifest.json", "mlx",
+                                                     "recipe.yaml", "report.json", "verify.json"]
+    assert result["verify"]["ok"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    assert (out / "recipe.yaml").read_text() == default_recipe("binary").text
+
+
+def test_model_card(released):
+    out, result = released
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "black-forest-labs/FLUX.2-klein-4B"
+    assert front["pipeline_tag"] == "text-to-image" and "binary" in front["tags"]
+    assert front["license"] == "apache-2.0"
+    bonsai_bytes = result["report"]["targets"]["bonsai"]["files_bytes"]
+    assert f"| `bonsai/` | compact distribution (repack to a runtime layout) | {bonsai_bytes / 1e9:.3f} GB | 1.125 |" in card
+    assert "| `mlx/` | pass | pass | pass (" in card
+    assert "| `gemlite/` | pass | pass | skipped |" in card
+
+
+def test_release_is_reproducible(released, tiny_ckpt, tmp_path):
+    out, _ = released
+    again = tmp_path / "again"
+    release(tiny_ckpt, default_recipe("binary"), again)
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert (again / path.relative_to(out)).read_bytes() == path.read_bytes(), path
+
+
+def test_check_passes_then_catches_a_corrupted_download(released, tmp_path):
+    import shutil
+
+    out, _ = released
+    assert check_release(out)["ok"]
+    copy = tmp_path / "download"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "gemlite" / "model.safetensors").read_bytes())
+    data[-5] ^= 0x10  # a byte in the last tensor's data
+    (copy / "gemlite" / "model.safetensors").write_bytes(bytes(data))
+    result = check_release(copy)
+    assert not result["ok"]
+    assert any("gemlite/model.safetensors: tensor" in p and "differs from its sha256" in p for p in result["manifest"])
+    (copy / "recipe.yaml").unlink()
+    assert any("recipe.yaml: listed in manifest.json but missing" in p for p in check_release(copy)["manifest"])
+
+
+def test_cli_dry_run_writes_nothing_and_check_exit_codes(released, tiny_ckpt, tmp_path, capsys):
+    out, _ = released
+    assert main(["release", "--model", str(tiny_ckpt), "--mode", "ternary", "--out", str(tmp_path / "r"),
+                 "--dry-run"]) == 0
+    assert "bonsai   " in capsys.readouterr().out and not (tmp_path / "r").exists()
+    assert main(["release", "--check", str(out)]) == 0
+    assert "release check: PASS" in capsys.readouterr().out
+    assert main(["release", "--out", str(tmp_path / "r")]) == 2
+    assert "release needs --model and --out" in capsys.readouterr().err
+
+
+def test_load_transformer_from_a_release_runs_on_cpu(released):
+    out, _ = released
+    model = load_transformer(out)
+    assert isinstance(model.transformer_blocks[0].attn.to_q, PackedLinear)
+    assert model.transformer_blocks[0].attn.to_q.layout == "mlx"
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, 4, 64, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 3, 256, generator=gen), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(4, 4), txt_ids=torch.zeros(3, 4), return_dict=False)
+    with torch.no_grad():
+        a = model(**kwargs)[0]
+        b = load_transformer(out / "bonsai")(**kwargs)[0]
+    assert a.shape == (1, 4, 64) and torch.isfinite(a).all()
+    assert torch.equal(a, b)  # both layouts decode to the same weights
