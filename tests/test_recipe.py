@@ -235,7 +235,7 @@ ERRORS = [
     (HEAD + "kept_dtype: fp16\n", r"r\.yaml:3: kept_dtype: unknown kept dtype 'fp16'.*; valid: source, float16, "),
     (HEAD + "solver: absmin\n", r"r\.yaml:3: solver: unknown solver 'absmin' \(did you mean 'absmean'\?\); "
                                 r"valid: absmean$"),
-    (HEAD + "targets: [mlx, cuda]\n", r"r\.yaml:3: targets\[1\]: unknown target 'cuda'; valid: mlx, gemlite$"),
+    (HEAD + "targets: [mlx, cuda]\n", r"r\.yaml:3: targets\[1\]: unknown target 'cuda'; valid: mlx, gemlite, bonsai$"),
     (HEAD + "rules:\n  - quantize: a\n    mode: int4\n", r"r\.yaml:5: rules\[0\]\.mode: unknown mode 'int4'"),
     ("format_version: 2\nmode: binary\nfuture_key: 1\n",
      r"r\.yaml:1: format_version: unsupported version 2; valid: 1$"),
@@ -245,7 +245,7 @@ ERRORS = [
     ("format_version: 1\nmode:\n", r"r\.yaml:2: mode: is empty; valid: binary, ternary$"),
     (HEAD + "name: ''\n", r"r\.yaml:3: name: is empty; valid: a non-empty string$"),
     (HEAD + "solver: ~\n", r"r\.yaml:3: solver: is empty; valid: absmean$"),
-    (HEAD + "targets: []\n", r"r\.yaml:3: targets: is empty; valid: at least one of mlx, gemlite$"),
+    (HEAD + "targets: []\n", r"r\.yaml:3: targets: is empty; valid: at least one of mlx, gemlite, bonsai$"),
     (HEAD + "rules:\n", r"r\.yaml:3: rules: is empty; valid: "),
     (HEAD + "rules:\n  - keep: ''\n", r"r\.yaml:4: rules\[0\]\.keep: is empty; valid: a glob"),
     (HEAD + "rules:\n  - quantize:\n", r"r\.yaml:4: rules\[0\]\.quantize: is empty; valid: a glob"),
