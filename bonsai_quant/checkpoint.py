@@ -28,6 +28,13 @@ SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -38,10 +45,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -170,10 +174,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 class ShardedWriter:

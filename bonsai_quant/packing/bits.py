@@ -61,6 +61,17 @@ def check_scales(scales, out_features: int, in_features: int, group_size: int) -
         raise PackError("scales contain inf or NaN")
 
 
+def check_pack_inputs(codes, scales, mode: str, group_size: int, layout) -> tuple[int, int]:
+    """What every pack() checks before packing; returns (out_features, in_features)."""
+    check_codes_tensor(codes)
+    if not isinstance(scales, torch.Tensor):
+        raise PackError(f"scales must be a tensor, got {type(scales).__name__}")
+    out_features, in_features = codes.shape
+    layout(out_features, in_features, mode, group_size, scales.dtype)
+    check_scales(scales, out_features, in_features, group_size)
+    return out_features, in_features
+
+
 def doubled(scales: torch.Tensor, target: str) -> torch.Tensor:
     """2s in the scale dtype (exact, as doubling only moves the exponent), or an error where it overflows."""
     twice = scales * 2

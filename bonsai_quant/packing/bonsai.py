@@ -66,12 +66,7 @@ def code_bytes(in_features: int, mode: str) -> int:
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
-    B.check_codes_tensor(codes)
-    if not isinstance(scales, torch.Tensor):
-        raise PackError(f"scales must be a tensor, got {type(scales).__name__}")
-    out_features, in_features = codes.shape
-    layout(out_features, in_features, mode, group_size, scales.dtype)
-    B.check_scales(scales, out_features, in_features, group_size)
+    out_features, in_features = B.check_pack_inputs(codes, scales, mode, group_size, layout)
 
     q = B.codes_to_q(codes.cpu(), mode)  # binary 0/1, ternary the trit 0/1/2; checks the alphabet
     packed = B.pack_bytes(q, 1) if mode == "binary" else pack_trits(q)

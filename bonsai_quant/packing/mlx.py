@@ -35,12 +35,7 @@ def layout(out_features: int, in_features: int, mode: str, group_size: int,
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
-    B.check_codes_tensor(codes)
-    if not isinstance(scales, torch.Tensor):
-        raise PackError(f"scales must be a tensor, got {type(scales).__name__}")
-    out_features, in_features = codes.shape
-    layout(out_features, in_features, mode, group_size, scales.dtype)
-    B.check_scales(scales, out_features, in_features, group_size)
+    out_features, in_features = B.check_pack_inputs(codes, scales, mode, group_size, layout)
     bits = B.mode_bits(mode)
 
     weight = B.bytes_to_words(B.pack_bytes(B.codes_to_q(codes.cpu(), mode), bits))
