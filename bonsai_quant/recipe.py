@@ -22,7 +22,8 @@ from .errors import RecipeError
 
 FORMAT_VERSION = 1
 MODES = ("binary", "ternary")
-SOLVERS = {"binary": ("absmean",), "ternary": ("optimal", "threshold")}
+# act-aware and gptq are calibrated (they need a calibration set: --calib or the `calibration:` key).
+SOLVERS = {"binary": ("absmean", "act-aware", "gptq"), "ternary": ("optimal", "threshold", "act-aware", "gptq")}
 DEFAULT_SOLVERS = {"binary": "absmean", "ternary": "optimal"}
 GROUP_SIZES = (32, 64, 128)  # what MLX's 1- and 2-bit kernels accept
 SCALE_DTYPES = ("float16", "bfloat16")
@@ -31,7 +32,7 @@ TARGETS = ("mlx", "gemlite", "bonsai")
 DEFAULT_TARGETS = ("mlx", "gemlite")
 
 _TOP_KEYS = ("format_version", "name", "mode", "group_size", "scale_dtype", "kept_dtype", "solver", "targets",
-             "rules")
+             "calibration", "rules")
 _RULE_KEYS = ("keep", "quantize", "mode", "solver")
 _PATTERN_HINT = "a glob over tensor or module names, e.g. x_embedder or transformer_blocks.*.attn.norm_*"
 
@@ -73,6 +74,8 @@ class Recipe:
     rules: tuple[Rule, ...]
     source: str
     text: str = field(repr=False)
+    calibration: str | None = None  # a calibration set folder, relative to the recipe file's folder
+    calibration_line: int = 0
 
     def rule_for(self, tensor_name: str) -> Rule | None:
         """The first rule matching `tensor_name` (first match wins), or None."""
@@ -90,6 +93,16 @@ class Recipe:
         # The top-level solver belongs to the top-level mode; a rule switching mode gets that mode's default.
         return self.solver if mode == self.mode else DEFAULT_SOLVERS[mode]
 
+    def calibration_path(self) -> Path | None:
+        """The `calibration:` folder, resolved against the folder of the recipe file (or the working folder for
+        a recipe given as text)."""
+        if self.calibration is None:
+            return None
+        path = Path(self.calibration).expanduser()
+        if path.is_absolute() or self.source == "<string>":
+            return path
+        return Path(self.source).parent / path
+
     def with_mode(self, mode: str) -> Recipe:
         """This recipe with its top-level mode replaced, re-validated from `text` (so an explicit solver that
         does not fit the new mode is an error, while a defaulted one follows the mode)."""
@@ -105,6 +118,7 @@ class Recipe:
             "kept_dtype": self.kept_dtype,
             "solver": self.solver,
             "targets": list(self.targets),
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
             "rules": [r.to_dict() for r in self.rules],
         }
 
@@ -224,9 +238,16 @@ class _Parser:
         if "solver" in fields:
             solver = self.solver(fields["solver"], "solver", mode, mode_note)
         targets = self.targets(fields["targets"]) if "targets" in fields else DEFAULT_TARGETS
+        calibration, calibration_line = None, 0
+        if "calibration" in fields:
+            calibration = self.string(fields["calibration"], "calibration",
+                                      "a calibration set folder made by `bonsai-quant calibrate`, relative to "
+                                      "this file, e.g. ../calibration/flux2-tiny-digits")
+            calibration_line = _line(fields["calibration"])
         rules = self.rules(fields["rules"], mode, mode_note) if "rules" in fields else ()
         return Recipe(name=name, mode=mode, group_size=group_size, scale_dtype=scale_dtype, kept_dtype=kept_dtype,
-                      solver=solver, targets=targets, rules=rules, source=self.source, text=text)
+                      solver=solver, targets=targets, rules=rules, source=self.source, text=text,
+                      calibration=calibration, calibration_line=calibration_line)
 
     def compose(self, text: str) -> Node | None:
         try:

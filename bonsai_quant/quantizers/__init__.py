@@ -2,6 +2,10 @@
 
 `quantize` returns codes and 16-bit scales such that codes * scales is the quantized weight exactly; the scale
 is rounded to the recipe's scale dtype here, once, so packing and decoding are lossless afterwards.
+
+Data-free solvers see the weights only. Calibrated solvers also take the layer's calibration statistics
+(`stats`: anything with `diag`, E[x_j^2] per input channel, and `hessian`, E[x x^T] or None; see
+`bonsai_quant.stats.LayerStats`): `act-aware` needs `diag`, `gptq` needs `hessian`.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BonsaiError
-from . import binary, ternary
+from . import act_aware, binary, gptq, ternary
 
-SOLVERS = {"binary": binary.SOLVERS, "ternary": ternary.SOLVERS}
+# What a calibrated solver needs from the calibration statistics: "diag" (E[x_j^2]) or "hessian" (E[x x^T]).
+CALIBRATED_SOLVERS = {"act-aware": "diag", "gptq": "hessian"}
+SOLVERS = {"binary": binary.SOLVERS + tuple(CALIBRATED_SOLVERS),
+           "ternary": ternary.SOLVERS + tuple(CALIBRATED_SOLVERS)}
 _MODULES = {"binary": binary, "ternary": ternary}
 ROWS_PER_CHUNK = 1024  # bounds temporaries (sort indices are int64) to ~100 MB for klein's widest layers
 
@@ -26,13 +33,14 @@ class QuantizedTensor:
 
 
 def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torch.dtype,
-             solver: str, name: str = "weight") -> QuantizedTensor:
+             solver: str, name: str = "weight", stats=None) -> QuantizedTensor:
     if mode not in _MODULES:
         raise BonsaiError(f"{name}: unknown mode {mode!r}; valid: binary, ternary")
     if weight.ndim != 2 or weight.shape[1] % group_size:
         raise BonsaiError(f"{name}: shape {list(weight.shape)} cannot be quantized in groups of {group_size} "
                           f"(needs a 2-D weight whose in_features is a multiple of {group_size})")
     out_features, in_features = weight.shape
+    group_solver = _group_solver(mode, solver, stats, name, in_features, group_size, scale_dtype)
     codes = torch.empty(out_features, in_features, dtype=torch.int8)
     scales = torch.empty(out_features, in_features // group_size, dtype=scale_dtype)
     err2 = ref2 = 0.0
@@ -40,9 +48,9 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
         rows = weight[start:start + ROWS_PER_CHUNK].float()
         _check_finite(rows, name, start)
         groups = rows.reshape(-1, group_size)
-        c, s = _MODULES[mode].quantize_groups(groups, solver)
+        c, s = group_solver(rows, groups)
         s16 = s.to(scale_dtype)
-        if torch.isinf(s16).any():
+        if not torch.isfinite(s16).all():
             raise BonsaiError(f"{name}: a group scale overflows {scale_dtype} (max |w| too large); "
                               f"use scale_dtype: bfloat16 in the recipe")
         codes[start:start + len(rows)] = c.reshape(rows.shape)
@@ -52,6 +60,39 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
         ref2 += float(groups.square().sum())
     rel = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
     return QuantizedTensor(codes, scales, rel)
+
+
+def _group_solver(mode: str, solver: str, stats, name: str, in_features: int, group_size: int,
+                  scale_dtype: torch.dtype):
+    """A function (rows [r, in], the same rows as groups [r * in/g, g]) -> (codes, float32 scales [r * in/g])."""
+    if solver not in CALIBRATED_SOLVERS:
+        return lambda rows, groups: _MODULES[mode].quantize_groups(groups, solver)
+    need = CALIBRATED_SOLVERS[solver]
+    value = getattr(stats, need, None) if stats is not None else None
+    if value is None:
+        what = "the full input second moments H = E[x x^T]" if need == "hessian" else "input second moments"
+        raise BonsaiError(f"{name}: solver {solver!r} needs calibration statistics ({what}) for this tensor; "
+                          "valid: give a calibration set (--calib SET, or `calibration:` in the recipe) or a "
+                          "data-free solver")
+    expected = (in_features,) if need == "diag" else (in_features, in_features)
+    if tuple(value.shape) != expected:
+        raise BonsaiError(f"{name}: calibration statistics {need} have shape {list(value.shape)}, expected "
+                          f"{list(expected)} for in_features {in_features}; was the calibration set made for "
+                          "another model?")
+    if solver == "act-aware":
+        d = value.to(torch.float64).clamp(min=0).reshape(1, -1, group_size)
+
+        def act_aware_solver(rows, groups):
+            return act_aware.quantize_groups(groups, d.expand(len(rows), -1, -1).reshape(-1, group_size), mode)
+
+        return act_aware_solver
+    hinv_upper, dead = gptq.prepare(value, name=name)  # once per tensor, shared by every row chunk
+
+    def gptq_solver(rows, groups):
+        codes, scales = gptq.quantize_rows(rows, hinv_upper, dead, value, mode, group_size, scale_dtype)
+        return codes.reshape(groups.shape), scales.reshape(-1)
+
+    return gptq_solver
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
