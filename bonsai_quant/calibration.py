@@ -67,6 +67,18 @@ class CalibrationSet:
         """Transformer forwards in one pass over the set."""
         return self.trajectories * self.steps
 
+    def fingerprint(self) -> str:
+        """sha256 over the set's data files and calibration.json: what a pack records to say which set made it."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for file in sorted(self.path.glob("*.arrow")) + [self.path / META_NAME]:
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
     def check_model(self, config: dict, source: str) -> None:
         """Refuse a model whose input widths differ from the set's (a set made for another model)."""
         want = {"in_channels": self.meta["in_channels"], "joint_attention_dim": self.meta["joint_attention_dim"]}
@@ -129,6 +141,27 @@ def load_calibration(path: str | Path) -> CalibrationSet:
     if len(dataset) == 0:
         raise CalibrationError(f"{path}: the calibration set is empty")
     return CalibrationSet(path, dataset.with_format("torch"), meta)
+
+
+def resolve_calibration(calib, recipe, wanted: dict[str, str], config: dict, source: str) -> CalibrationSet:
+    """The calibration set for a run whose calibrated solvers need statistics of the `wanted` tensors: `calib`
+    (a folder or an open set) if given, else the recipe's `calibration:` folder; checked against `config`."""
+    if isinstance(calib, CalibrationSet):
+        found = calib
+    elif calib is not None:
+        found = load_calibration(calib)
+    elif recipe.calibration is not None:
+        try:
+            found = load_calibration(recipe.calibration_path())
+        except CalibrationError as e:
+            raise CalibrationError(f"{recipe.source}:{recipe.calibration_line}: calibration: {e}") from None
+    else:
+        first = next(iter(wanted))
+        raise CalibrationError(f"{first}: a calibrated solver (act-aware, gptq) quantizes it and {len(wanted) - 1} "
+                               "more tensor(s), but no calibration set was given; valid: --calib SET, "
+                               "`calibration: SET` in the recipe, or a data-free solver (absmean, optimal)")
+    found.check_model(config, source)
+    return found
 
 
 # ---------------------------------------------------------------- sampling

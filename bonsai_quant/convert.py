@@ -2,6 +2,11 @@
 
 Each source tensor is read once, quantized once, and packed for each target; memory follows the largest
 tensor, never the model. Output is built in a temporary folder and renamed into place when complete.
+
+Calibrated solvers (act-aware, gptq) are the exception: their statistics come from running the full-precision
+model over a calibration set, so the model is loaded whole (float32 below 10^9 parameters, else bf16: klein 4B
+takes 7.75 GB) and statistics are gathered one transformer block at a time, just before that block's tensors
+are streamed (`stats.BlockStats`: at most one block's H at once, ~1.5 GB in float64 for klein).
 """
 
 from __future__ import annotations
@@ -80,31 +85,37 @@ def cast_kept(tensor: torch.Tensor, decision: Decision) -> tuple[torch.Tensor, s
 
 
 def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | None = None, force: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = True) -> dict:
-    """Quantize `model` under `recipe` into `out/<target>/` for each target, atomically; returns the report."""
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = True, calib=None,
+            calib_device: str = "cpu") -> dict:
+    """Quantize `model` under `recipe` into `out/<target>/` for each target, atomically; returns the report.
+
+    `calib`: a calibration set folder for calibrated solvers (default: the recipe's `calibration:`)."""
     start = time.perf_counter()
     checkpoint = Checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
     with atomic_output(Path(out), force=force) as tmp:
-        report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose)
+        report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose, calib, calib_device)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
 
 
 def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 verbose: bool = False) -> dict:
+                 verbose: bool = False, calib=None, calib_device: str = "cpu") -> dict:
     """The work of `convert` inside an existing (temporary) folder: packs and report.json."""
     echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     records, warnings = [], []
+    stats, calibration = _calibration_stats(checkpoint, plan, calib, calib_device, echo)
+    qconfig = quantization_config(plan, max_shard_bytes)
+    if calibration is not None:
+        qconfig["calibration"] = calibration  # only for calibrated packs: data-free packs stay byte-identical
     slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
-    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json",
-                    quantization_config(plan, max_shard_bytes), slots)
+    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
     try:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
             for d, slot in zip(plan.decisions, slots):
-                record, warning = _convert_one(checkpoint, plan, d, slot, packs)
+                record, warning = _convert_one(checkpoint, plan, d, slot, packs, stats)
                 records.append(record)
                 if warning:
                     warnings.append(warning)
@@ -120,7 +131,33 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
     return report
 
 
-def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, packs: PackSet) -> tuple[dict, str | None]:
+def _calibration_stats(checkpoint: Checkpoint, plan: Plan, calib, device: str, echo):
+    """(a BlockStats provider, the pack's record of the calibration set), or (None, None) when every solver
+    of the plan is data-free."""
+    from .quantizers import CALIBRATED_SOLVERS
+
+    wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in plan.quantized if d.solver in CALIBRATED_SOLVERS}
+    if not wanted:
+        return None, None
+    from .calibration import load_model, resolve_calibration
+    from .stats import BlockStats
+
+    calib = resolve_calibration(calib, plan.recipe, wanted, checkpoint.config, str(checkpoint.path))
+    params = sum(d.spec.numel for d in plan.decisions)
+    dtype = torch.float32 if params < 10**9 else torch.bfloat16
+    echo(f"calibration: {calib.path} ({calib.trajectories} trajectories, {calib.calls} transformer calls); "
+         f"loading the full-precision model ({str(dtype).removeprefix('torch.')} on {device})")
+    model = load_model(checkpoint.path, dtype=dtype, device=device)
+    # The set's folder name and content hash, not its path: the same inputs give the same pack bytes anywhere.
+    needs = list(wanted.values())
+    record = {"set": calib.path.name, "fingerprint": calib.fingerprint(), "trajectories": calib.trajectories,
+              "transformer_calls": calib.calls, "model_dtype": str(dtype).removeprefix("torch."),
+              "tensors": {need: needs.count(need) for need in sorted(set(needs))}}
+    return BlockStats(model, calib, wanted, log=echo), record
+
+
+def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, packs: PackSet,
+                 stats=None) -> tuple[dict, str | None]:
     tensor = checkpoint.load(d.name)
     record = {"name": d.name, "action": d.action, "rule": d.rule_label, "role": d.spec.role,
               "shape": list(d.spec.shape), "source_dtype": str(d.source_dtype).removeprefix("torch.")}
@@ -129,7 +166,8 @@ def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, pa
         packs.kept(slot, kept)
         record["dtype"] = str(kept.dtype).removeprefix("torch.")
         return record, warning
-    q = quantize(tensor, d.mode, plan.recipe.group_size, plan.scale_dtype, d.solver, name=d.name)
+    q = quantize(tensor, d.mode, plan.recipe.group_size, plan.scale_dtype, d.solver, name=d.name,
+                 stats=stats.get(d.name) if stats is not None else None)
     packs.quantized(slot, q.codes, q.scales)
     record.update(mode=d.mode, solver=d.solver, rel_error=q.rel_error)
     return record, None

@@ -43,7 +43,8 @@ class _Accumulator:
 
     def result(self) -> LayerStats:
         n = max(self.rows, 1)
-        return LayerStats(self.rows, (self.sq / n).cpu(), None if self.xtx is None else (self.xtx / n).cpu())
+        # Left on the device they were gathered on: gptq runs where its H is (a GPU when there is one).
+        return LayerStats(self.rows, self.sq / n, None if self.xtx is None else self.xtx / n)
 
 
 def module_name(tensor_name: str) -> str:

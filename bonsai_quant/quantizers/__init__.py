@@ -80,7 +80,7 @@ def _group_solver(mode: str, solver: str, stats, name: str, in_features: int, gr
                           f"{list(expected)} for in_features {in_features}; was the calibration set made for "
                           "another model?")
     if solver == "act-aware":
-        d = value.to(torch.float64).clamp(min=0).reshape(1, -1, group_size)
+        d = value.to(device="cpu", dtype=torch.float64).clamp(min=0).reshape(1, -1, group_size)
 
         def act_aware_solver(rows, groups):
             return act_aware.quantize_groups(groups, d.expand(len(rows), -1, -1).reshape(-1, group_size), mode)
@@ -88,9 +88,10 @@ def _group_solver(mode: str, solver: str, stats, name: str, in_features: int, gr
         return act_aware_solver
     hinv_upper, dead = gptq.prepare(value, name=name)  # once per tensor, shared by every row chunk
 
-    def gptq_solver(rows, groups):
-        codes, scales = gptq.quantize_rows(rows, hinv_upper, dead, value, mode, group_size, scale_dtype)
-        return codes.reshape(groups.shape), scales.reshape(-1)
+    def gptq_solver(rows, groups):  # on the device of H: a GPU when the statistics were gathered on one
+        codes, scales = gptq.quantize_rows(rows.to(value.device), hinv_upper, dead, value, mode, group_size,
+                                           scale_dtype)
+        return codes.cpu().reshape(groups.shape), scales.cpu().reshape(-1)
 
     return gptq_solver
 
