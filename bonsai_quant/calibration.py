@@ -277,6 +277,13 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def default_model_dtype(checkpoint) -> torch.dtype:
+    """The dtype to run a full-precision model in for calibration: float32 when it is small (exact statistics,
+    cheap), bf16 from 10^9 parameters (klein 4B: 7.75 GB instead of 15.5 GB)."""
+    params = sum(info.nbytes // info.dtype.itemsize for info in checkpoint.tensors.values())
+    return torch.float32 if params < 10**9 else torch.bfloat16
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A diffusers FLUX.2 checkpoint folder as an eval-mode Flux2Transformer2DModel in `dtype` on `device`.
 

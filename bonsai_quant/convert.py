@@ -139,12 +139,11 @@ def _calibration_stats(checkpoint: Checkpoint, plan: Plan, calib, device: str, e
     wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in plan.quantized if d.solver in CALIBRATED_SOLVERS}
     if not wanted:
         return None, None
-    from .calibration import load_model, resolve_calibration
+    from .calibration import default_model_dtype, load_model, resolve_calibration
     from .stats import BlockStats
 
     calib = resolve_calibration(calib, plan.recipe, wanted, checkpoint.config, str(checkpoint.path))
-    params = sum(d.spec.numel for d in plan.decisions)
-    dtype = torch.float32 if params < 10**9 else torch.bfloat16
+    dtype = default_model_dtype(checkpoint)
     echo(f"calibration: {calib.path} ({calib.trajectories} trajectories, {calib.calls} transformer calls); "
          f"loading the full-precision model ({str(dtype).removeprefix('torch.')} on {device})")
     model = load_model(checkpoint.path, dtype=dtype, device=device)
