@@ -41,6 +41,7 @@ DEFAULT_DIGIT_SAMPLES = 16    # trajectories per digit prompt in the shipped tin
 DEFAULT_IMAGE_SIZE = 512      # klein calibration images: 32x32 latent tokens
 VAE_SCALE = 16                # FLUX.2: 8x VAE downsampling, then 2x2 patches -> one token per 16x16 pixels
 MAX_TEXT_TOKENS = 512         # the klein pipeline's max_sequence_length
+MAX_SAMPLES_PER_PROMPT = 1000
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -317,8 +318,12 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     from .digits import GRID, MAX_TOKENS, model_dir, prompt
     from .output import atomic_output
 
+    from .errors import OutputExistsError
+
     if steps < 1:
         raise BonsaiError(f"steps must be at least 1, got {steps}")
+    if Path(out).exists() and not force:  # before minutes of sampling, not after
+        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
     model_path = Path(model_path) if model_path is not None else model_dir()
     config = Checkpoint(model_path).config
     digits = digits_text_encoder(model_path, config) if text_encoder is None else None
@@ -356,8 +361,11 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     model = load_model(model_path, dtype=dtype, device=device)
     channels = config["in_channels"]
     img = latent_ids(*grid)
-    jobs = [(p, i, seed * 1_000_003 + k * samples_per_prompt + i)
-            for k, p in enumerate(prompts) for i in range(samples_per_prompt)]
+    if samples_per_prompt > MAX_SAMPLES_PER_PROMPT:
+        raise BonsaiError(f"--samples-per-prompt {samples_per_prompt}: at most {MAX_SAMPLES_PER_PROMPT}")
+    # Sample i of prompt k has its own noise seed, independent of how many samples or prompts there are, so a
+    # smaller run reproduces the first trajectories of a larger one (the tests re-derive the shipped set so).
+    jobs = [(p, i, noise_seed(seed, k, i)) for k, p in enumerate(prompts) for i in range(samples_per_prompt)]
 
     def rows():
         for b in range(0, len(jobs), batch_size):
@@ -386,6 +394,10 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
         meta["seconds"] = round(time.perf_counter() - start, 2)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return load_calibration(out)
+
+
+def noise_seed(seed: int, prompt_index: int, sample: int) -> int:
+    return seed * 1_000_003 + prompt_index * MAX_SAMPLES_PER_PROMPT + sample
 
 
 def _config_summary(config: dict) -> dict:

@@ -50,8 +50,42 @@ def cmd_convert(args) -> int:
     out = args.out or Path(f"{args.model.name if args.model else 'bonsai-tiny'}-{recipe.mode}")
     with _model(args) as model:
         report = convert(model, recipe, out, targets=args.target, force=args.force,
-                         max_shard_bytes=args.shard_bytes, verbose=not args.quiet)
+                         max_shard_bytes=args.shard_bytes, verbose=not args.quiet, calib=args.calib,
+                         calib_device=args.calib_device)
     print(format_summary(report, out))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from .calibration import calibrate
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.model_dtype)
+    calib = calibrate(args.model, args.out, prompts_path=args.prompts, text_encoder=args.text_encoder,
+                      synthetic_text=args.synthetic_text, samples_per_prompt=args.samples_per_prompt,
+                      steps=args.steps, shift=args.shift, seed=args.seed, image_size=args.image_size,
+                      max_text_tokens=args.max_text_tokens, device=args.device, dtype=dtype,
+                      store_dtype=args.store_dtype, batch_size=args.batch_size, force=args.force,
+                      log=lambda m: print(m, file=sys.stderr))
+    m = calib.meta
+    print(f"wrote {calib.path}: {m['trajectories']} trajectories x {m['steps']} steps = {m['transformer_calls']} "
+          f"transformer calls ({m['image_tokens']} image + {m['text_tokens']} text tokens each; text: "
+          f"{m['text_encoder']}; stored {m['store_dtype']}), {m['seconds']:.1f} s")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from .sensitivity import format_report, sensitivity
+
+    out = args.out or Path(f"sensitivity-{args.mode}.yaml")
+    report = sensitivity(args.model, args.calib, args.mode, solver=args.solver, budget_bytes=args.budget_bytes,
+                         out=out, max_calls=args.max_calls, device=args.device,
+                         log=(lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None))
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "recipe_text"}, indent=2))
+    else:
+        print(format_report(report))
     return 0
 
 
@@ -169,7 +203,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--shard-bytes", type=int, default=2 * 10**9, help="largest weight shard in bytes (default 2e9)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-tensor lines")
+    p.add_argument("--calib", type=Path, metavar="SET",
+                   help="calibration set folder for calibrated solvers (act-aware, gptq); default: the recipe's "
+                        "calibration key")
+    p.add_argument("--calib-device", default="cpu",
+                   help="where the calibration forwards and gptq run, e.g. cuda (default cpu)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("calibrate", help="sample a calibration set: transformer inputs along real trajectories",
+                       description="Run the FlowMatch-Euler sampler with the full-precision transformer and store "
+                                   "its inputs at every step (latents, timesteps, text conditioning, ids) as a "
+                                   "datasets folder. The digits model uses its own text embedding and prompts; "
+                                   "other models need --prompts and --text-encoder (Qwen3).")
+    p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: flux2-tiny-digits)")
+    p.add_argument("--out", type=Path, required=True, help="calibration set folder to write")
+    p.add_argument("--prompts", type=Path, help="prompt file, one per line (default for digits: its 10 prompts)")
+    p.add_argument("--text-encoder", type=Path, help="Qwen3 text encoder: a klein pipeline folder or a Qwen3 folder")
+    p.add_argument("--synthetic-text", action="store_true",
+                   help="random text conditioning instead of an encoder: timing runs on random weights only")
+    p.add_argument("--samples-per-prompt", type=int, help="trajectories per prompt (default: 16 digits, 1 klein)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps (default 4, as klein)")
+    p.add_argument("--shift", type=float, default=3.0, help="sigma shift (default 3.0, as klein)")
+    p.add_argument("--seed", type=int, default=1234, help="noise seed (default 1234)")
+    p.add_argument("--image-size", type=int, default=512, help="klein image side in pixels (default 512: 1024 tokens)")
+    p.add_argument("--max-text-tokens", type=int, default=512, help="text tokens per prompt (default 512, as klein)")
+    p.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+    p.add_argument("--model-dtype", choices=("float32", "bfloat16"),
+                   help="dtype of the sampling model (default: float32 digits, bfloat16 otherwise)")
+    p.add_argument("--store-dtype", choices=("float32", "float16"),
+                   help="dtype of the stored tensors (default: float32 digits, float16 otherwise)")
+    p.add_argument("--batch-size", type=int, default=8, help="trajectories sampled together (default 8)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("sensitivity", help="rank layers by output change when only that one is quantized; "
+                                           "write a recipe keeping the most sensitive 16-bit within a byte budget")
+    p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: flux2-tiny-digits)")
+    p.add_argument("--calib", type=Path, metavar="SET", required=True, help="calibration set folder")
+    p.add_argument("--mode", choices=("binary", "ternary"), default="ternary", help="default ternary")
+    p.add_argument("--solver", help="quantizer for the measurement (default: the mode's data-free default)")
+    p.add_argument("--budget-bytes", type=int,
+                   help="16-bit bytes of Linear weights to keep (default: what the published keep set spends)")
+    p.add_argument("--out", type=Path, help="recipe to write (default ./sensitivity-<mode>.yaml)")
+    p.add_argument("--max-calls", type=int, help="use only the first N calibration calls")
+    p.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+    p.add_argument("--verbose", action="store_true", help="log each tensor as it is measured")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("plan", help="print tensor -> rule -> mode -> bytes without writing anything")
     model_args(p)
