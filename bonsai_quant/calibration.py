@@ -308,7 +308,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
               synthetic_text: bool = False, samples_per_prompt: int | None = None, steps: int = DEFAULT_STEPS,
               shift: float = DEFAULT_SHIFT, seed: int = DEFAULT_SEED, image_size: int = DEFAULT_IMAGE_SIZE,
               max_text_tokens: int = MAX_TEXT_TOKENS, device: str = "cpu", dtype: torch.dtype | None = None,
-              store_dtype: str | None = None, batch_size: int = 8, force: bool = False,
+              store_dtype: str | None = None, batch_size: int | None = None, force: bool = False,
               log: Callable[[str], None] = lambda m: None) -> CalibrationSet:
     """Sample calibration trajectories with the full-precision `model_path` and write them as a set to `out`.
 
@@ -334,6 +334,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
         samples_per_prompt = samples_per_prompt or DEFAULT_DIGIT_SAMPLES
         dtype, store_dtype = dtype or torch.float32, store_dtype or "float32"
         txt_len = MAX_TOKENS
+        batch_size = batch_size or 64
     else:
         if prompts_path is None:
             raise BonsaiError(f"{model_path}: is not the digits model, so calibration needs --prompts FILE "
@@ -353,6 +354,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
         samples_per_prompt = samples_per_prompt or 1
         dtype, store_dtype = dtype or torch.bfloat16, store_dtype or "float16"
         txt_len = max_text_tokens
+        batch_size = batch_size or 4
     if store_dtype not in STORE_DTYPES:
         raise BonsaiError(f"store dtype {store_dtype!r}; valid: {', '.join(STORE_DTYPES)}")
 
@@ -381,7 +383,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
                 yield _row(p, s, text[j], latents[j], sigmas, img, text_ids(text.shape[1]), store_dtype)
             log(f"  {min(b + batch_size, len(jobs))}/{len(jobs)} trajectories, {time.perf_counter() - start:.1f} s")
 
-    meta = {"format_version": FORMAT_VERSION, "model": str(model_path), "model_config": _config_summary(config),
+    meta = {"format_version": FORMAT_VERSION, "model": model_path.name, "model_config": _config_summary(config),
             "in_channels": channels, "joint_attention_dim": config["joint_attention_dim"],
             "prompts": str(prompts_path) if prompts_path else "the ten digit prompts 'a handwritten digit d'",
             "prompt_count": len(prompts), "samples_per_prompt": samples_per_prompt, "text_encoder": source,

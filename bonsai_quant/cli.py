@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the sampling model (default: float32 digits, bfloat16 otherwise)")
     p.add_argument("--store-dtype", choices=("float32", "float16"),
                    help="dtype of the stored tensors (default: float32 digits, float16 otherwise)")
-    p.add_argument("--batch-size", type=int, default=8, help="trajectories sampled together (default 8)")
+    p.add_argument("--batch-size", type=int, help="trajectories sampled together (default: 64 digits, 4 klein)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_calibrate)
 
