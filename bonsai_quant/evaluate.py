@@ -30,7 +30,7 @@ DEFAULT_STEPS = 4
 DEFAULT_SEED = 0
 CHUNK = 250  # samples per forward: bounds memory; fixed so that results do not depend on N's factorisation
 GRID_SCALE, GRID_GAP = 4, 2
-TARGET_PREFERENCE = ("mlx", "gemlite")
+TARGETS = ("mlx", "gemlite", "bonsai")  # == plan.TARGETS
 SHIFT = 3.0  # == digits.SHIFT, klein's sampler shift (checked by the tests)
 IMAGE_SIZE = 8  # == digits.IMAGE_SIZE
 
@@ -59,44 +59,31 @@ def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
     ckpt = Checkpoint(path)
     check_compatible(ckpt.config, encoder, str(ckpt.path / "config.json"))
     ckpt.validate()
-    model = build_model(ckpt.config, dtype=torch.float32)
+    model = build_model(ckpt.config)  # float32 parameters, as nn.Linear creates them
     model.load_state_dict({name: ckpt.load(name).float() for name in ckpt.tensors}, strict=True)
     return model.eval()
 
 
-def pack_folder(path: Path, target: str | None = None) -> Path | None:
-    """The pack to load for `path`: itself, or `path/<target>` of a convert output; None if it is no pack."""
+def is_pack(path: Path) -> bool:
+    """A pack folder (quantization_config.json) or a convert output holding pack folders."""
     from .describe import CONFIG_NAME
-    from .digits import read_json
 
-    if (path / CONFIG_NAME).exists():
-        if target is not None and read_json(path / CONFIG_NAME).get("format") != target:
-            raise BonsaiError(f"{path}: is a {read_json(path / CONFIG_NAME).get('format')} pack, not {target}")
-        return path
-    found = {p.parent.name: p.parent for p in path.glob(f"*/{CONFIG_NAME}")}
-    if not found:
-        return None
-    if target is not None:
-        if target not in found:
-            raise BonsaiError(f"{path}: has no {target} pack; found: {', '.join(sorted(found))}")
-        return found[target]
-    for name in TARGET_PREFERENCE:
-        if name in found:
-            return found[name]
-    return found[sorted(found)[0]]
+    return (path / CONFIG_NAME).exists() or any(path.glob(f"*/{CONFIG_NAME}"))
 
 
-def load_pack(folder: Path, encoder: TextEncoder) -> torch.nn.Module:
+def load_pack(path: Path, encoder: TextEncoder, target: str | None = None) -> tuple[torch.nn.Module, Path]:
+    """A pack, or the `target` pack of a convert output (default: the runtime's preference), as a float32 model."""
     import torch
 
     from .digits import check_compatible, read_json
 
     try:
-        from .runtime import load_transformer
+        from .runtime import load_transformer, resolve_pack
     except ImportError as e:
-        raise BonsaiError(f"{folder}: packs run through bonsai_quant.runtime, which cannot be imported ({e})") from None
+        raise BonsaiError(f"{path}: packs run through bonsai_quant.runtime, which cannot be imported ({e})") from None
+    folder = resolve_pack(path, target)
     check_compatible(read_json(folder / "config.json"), encoder, str(folder / "config.json"))
-    return load_transformer(folder, dtype=torch.float32).eval()
+    return load_transformer(folder, dtype=torch.float32).eval(), folder
 
 
 def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | None = None,
@@ -108,13 +95,13 @@ def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | Non
         raise BonsaiError(f"{path}: no such model or pack folder")
     if not path.is_dir():
         raise BonsaiError(f"{path}: expected a folder (a diffusers checkpoint or a bonsai-quant pack), got a file")
-    pack = pack_folder(path, target)
-    if pack is not None:
+    if is_pack(path):
         if fake_quant or recipe_path:
             raise BonsaiError(f"{path}: is already a quantized pack; --fake-quant and --recipe apply to "
                               "full-precision models")
-        qc = read_json(pack / "quantization_config.json")
-        return LoadedModel(load_pack(pack, encoder), str(pack), "pack", qc.get("mode"), qc.get("format"),
+        model, folder = load_pack(path, encoder, target)
+        qc = read_json(folder / "quantization_config.json")
+        return LoadedModel(model, str(folder), "pack", qc.get("mode"), qc.get("format"),
                            (qc.get("recipe") or {}).get("name"))
     if target is not None:
         raise BonsaiError(f"{path}: --target picks a pack of a convert output, but this is no pack")
@@ -283,7 +270,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fake-quant", choices=("binary", "ternary"),
                    help="quantize a full-precision model in memory with the default recipe of this mode")
     p.add_argument("--recipe", type=Path, help="fake-quantize with this recipe YAML")
-    p.add_argument("--target", choices=TARGET_PREFERENCE, help="which pack of a convert output (default: mlx)")
+    p.add_argument("--target", choices=TARGETS,
+                   help="which pack of a convert output (default: the runtime's preference, mlx first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--grid", type=Path, help="write a PNG of samples: one row per digit")
     p.add_argument("--grid-columns", type=_positive, default=10, help="samples per row in the grid (default 10)")

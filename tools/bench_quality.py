@@ -1,0 +1,122 @@
+"""How much image quality each quantization choice keeps, judged on the shipped flux2-tiny-digits.
+
+    python tools/bench_quality.py                      # 4 steps, 100 samples per digit, every row
+    python tools/bench_quality.py --steps 4 8 --grids out/grids --json bench.json
+
+Rows: full precision, then for each default recipe (binary, ternary) the fake-quantized model (the dense
+reference: weights replaced by their exact quantized values) and the packs that `convert` writes, run through
+the reference runtime (bonsai_quant.runtime). Columns: the judge's accuracy (prompt following, the GenEval
+analog), the Fréchet distance of the judge's features to the real digits (fidelity; lower is better) and
+retention = accuracy / full-precision accuracy, the figure the Bonsai release quotes (~88% binary, ~95% ternary
+of klein 4B). A new quantization method is a new entry in `rows()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bonsai_quant.convert import convert  # noqa: E402
+from bonsai_quant.digits import TextEncoder, model_dir  # noqa: E402
+from bonsai_quant.digits_judge import Judge  # noqa: E402
+from bonsai_quant.evaluate import LoadedModel, evaluate, load_for_eval, save_grid  # noqa: E402
+from bonsai_quant.plan import TARGETS  # noqa: E402
+from bonsai_quant.recipe import default_recipe  # noqa: E402
+
+
+@dataclass
+class Context:
+    model: Path
+    encoder: TextEncoder
+    workdir: Path
+    _converted: dict
+
+    def pack(self, mode: str) -> Path:
+        """The convert output of the default `mode` recipe (all its targets), written once per run."""
+        if mode not in self._converted:
+            out = self.workdir / f"{mode}"
+            convert(self.model, default_recipe(mode), out, targets=TARGETS, verbose=False)
+            self._converted[mode] = out
+        return self._converted[mode]
+
+
+@dataclass
+class Row:
+    name: str
+    load: Callable[[Context], LoadedModel]
+
+
+def rows() -> list[Row]:
+    """Every configuration the benchmark scores, in table order. Add solvers, recipes, distillation here."""
+    out = [Row("full precision", lambda c: load_for_eval(c.model, c.encoder))]
+    for mode in ("binary", "ternary"):
+        out.append(Row(f"{mode} fake-quant", lambda c, m=mode: load_for_eval(c.model, c.encoder, fake_quant=m)))
+        for target in TARGETS:
+            out.append(Row(f"{mode} {target} pack", lambda c, m=mode, t=target: load_for_eval(c.pack(m), c.encoder,
+                                                                                             target=t)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=model_dir(), help="full-precision digits model (default: shipped)")
+    ap.add_argument("--samples", type=int, default=100, help="per digit (default 100)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[4], help="Euler step counts (default 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", metavar="SUBSTRING", help="rows whose name contains one of these")
+    ap.add_argument("--grids", type=Path, help="write one PNG grid per row and step count into this folder")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = ap.parse_args()
+
+    encoder, judge = TextEncoder.load(), Judge.load()
+    selected = [r for r in rows() if not args.only or any(s in r.name for s in args.only)]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        ctx = Context(args.model, encoder, Path(tmp), {})
+        for row in selected:
+            start = time.perf_counter()
+            try:
+                loaded = row.load(ctx)
+            except Exception as e:  # a row that cannot run yet (e.g. a runtime missing) is reported, not fatal
+                print(f"{row.name}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            load_s = time.perf_counter() - start
+            for steps in args.steps:
+                report, images = evaluate(loaded, args.samples, steps, args.seed, encoder=encoder, judge=judge)
+                if args.grids:
+                    save_grid(images, args.grids / f"{row.name.replace(' ', '-')}-{steps}-steps.png")
+                results.append({"row": row.name, "steps": steps, "accuracy": report["accuracy"],
+                                "frechet_distance": report["frechet_distance"],
+                                "per_digit_accuracy": report["per_digit_accuracy"],
+                                "seconds": round(load_s + report["generate_seconds"], 2)})
+                print(f"  {row.name} @ {steps} steps: accuracy {report['accuracy']:.4f}, "
+                      f"FD {report['frechet_distance']:.3f}", file=sys.stderr, flush=True)
+    base = {r["steps"]: r["accuracy"] for r in results if r["row"] == "full precision"}
+    for r in results:
+        r["retention"] = r["accuracy"] / base[r["steps"]] if base.get(r["steps"]) else None
+
+    print(f"\nflux2-tiny-digits quality, {args.samples} samples per digit, seed {args.seed}; judge held-out accuracy "
+          f"{judge.info['held_out_accuracy']:.4f}; real held-out digits score FD "
+          f"{judge.info['frechet_distance_real_held_out']:.3f}\n")
+    print(f"| {'model':<24} | steps | accuracy | Fréchet distance | retention | seconds |")
+    print(f"| {'-' * 24} | ----: | -------: | ---------------: | --------: | ------: |")
+    for r in results:
+        ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
+        print(f"| {r['row']:<24} | {r['steps']:>5} | {r['accuracy']:>8.4f} | {r['frechet_distance']:>16.3f} | "
+              f"{ret:>9} | {r['seconds']:>7.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"samples": args.samples, "seed": args.seed, "results": results}, indent=2)
+                             + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
