@@ -6,7 +6,7 @@ tensor, never the model. Output is built in a temporary folder and renamed into 
 Calibrated solvers (act-aware, gptq) are the exception: their statistics come from running the full-precision
 model over a calibration set, so the model is loaded whole (float32 below 10^9 parameters, else bf16: klein 4B
 takes 7.75 GB) and statistics are gathered one transformer block at a time, just before that block's tensors
-are streamed (`stats.BlockStats`: at most one block's H at once, ~1.5 GB in float64 for klein).
+are streamed (`stats.BlockStats`: at most one block's H at once: 2.1 GB in float64 for a klein double block).
 """
 
 from __future__ import annotations
