@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .errors import BonsaiError
@@ -76,11 +75,8 @@ def load_pack(path: Path, encoder: TextEncoder, target: str | None = None) -> tu
     import torch
 
     from .digits import check_compatible, read_json
+    from .runtime import load_transformer, resolve_pack
 
-    try:
-        from .runtime import load_transformer, resolve_pack
-    except ImportError as e:
-        raise BonsaiError(f"{path}: packs run through bonsai_quant.runtime, which cannot be imported ({e})") from None
     folder = resolve_pack(path, target)
     check_compatible(read_json(folder / "config.json"), encoder, str(folder / "config.json"))
     return load_transformer(folder, dtype=torch.float32).eval(), folder
@@ -108,18 +104,14 @@ def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | Non
     model = load_full_precision(path, encoder)
     if not (fake_quant or recipe_path):
         return LoadedModel(model, str(path), "full-precision")
+    from .fakequant import fake_quantize_model
     from .recipe import default_recipe, load_recipe
 
     recipe = load_recipe(recipe_path) if recipe_path else default_recipe(fake_quant)
     if fake_quant and recipe.mode != fake_quant:
         recipe = recipe.with_mode(fake_quant)
-    try:
-        from .fakequant import fake_quantize_model
-    except ImportError as e:
-        raise BonsaiError(f"fake quantization needs bonsai_quant.fakequant, which cannot be imported ({e})") from None
     errors = fake_quantize_model(model, recipe)
-    return LoadedModel(model, str(path), "fake-quant", recipe.mode, None, recipe.name,
-                       dict(errors) if isinstance(errors, dict) else {})
+    return LoadedModel(model, str(path), "fake-quant", recipe.mode, None, recipe.name, errors)
 
 
 # ---------------------------------------------------------------- generate and score
