@@ -225,3 +225,13 @@ def test_convert_with_a_calibrated_solver(tmp_path, small_set, digits_model, cap
         tensors = {k.removeprefix(module + "."): v for k, v in packed.items() if k.startswith(module + ".")}
         codes, scales = mlx.unpack(tensors, "ternary", 128)
         assert torch.equal(dequantize(codes, scales, 128), params[module + ".weight"].detach())
+
+
+def test_convert_refuses_a_set_made_for_another_model(tmp_path, tiny_ckpt, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("format_version: 1\nmode: binary\nsolver: act-aware\n")
+    assert main(["convert", "--model", str(tiny_ckpt), "--recipe", str(recipe), "--calib", str(SHIPPED_SET),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "flux2-tiny-digits: calibration set does not fit" in err and "in_channels is 64, the set has 4" in err
+    assert not (tmp_path / "o").exists()
