@@ -10,5 +10,5 @@ python3 -m venv .venv
 # gemlite imports CUDA at import time; the tests only use its pure-torch bit packer, so no deps are needed.
 .venv/bin/python -m pip install --quiet --no-deps gemlite==0.6.0.post2
 if [ "${1:-}" != "--no-convert" ]; then
-  .venv/bin/bonsai-quant convert --mode ternary --out out/bonsai-tiny-ternary --force
+  .venv/bin/bonsai-quant convert --mode ternary --out out/flux2-tiny-digits-ternary --force
 fi

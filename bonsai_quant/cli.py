@@ -38,16 +38,15 @@ def _model(args):
         return
     from .convert import default_model
 
-    print("no --model given: using the built-in tiny FLUX.2 model", file=sys.stderr)
-    with default_model() as path:
-        yield path
+    print("no --model given: using the built-in flux2-tiny-digits model", file=sys.stderr)
+    yield default_model()
 
 
 def cmd_convert(args) -> int:
     from .convert import convert, format_summary
 
     recipe = _recipe(args)
-    out = args.out or Path(f"{args.model.name if args.model else 'bonsai-tiny'}-{recipe.mode}")
+    out = args.out or Path(f"{args.model.name if args.model else 'flux2-tiny-digits'}-{recipe.mode}")
     with _model(args) as model:
         report = convert(model, recipe, out, targets=args.target, force=args.force,
                          max_shard_bytes=args.shard_bytes, verbose=not args.quiet, calib=args.calib,

@@ -11,10 +11,8 @@ are streamed (`stats.BlockStats`: at most one block's H at once: 2.1 GB in float
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import BonsaiError
-from .flux2 import preset_config
 from .output import atomic_output
 from .packset import PackSet, Slot
 from .plan import BITS, Decision, Plan, make_plan, summarize_bytes
@@ -35,13 +32,11 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 10**9
 
 
-@contextlib.contextmanager
-def default_model():
-    """The built-in model: the tiny preset with seed-0 random weights (replaced by a trained one later)."""
-    from .synthetic import write_checkpoint
+def default_model() -> Path:
+    """The built-in model: flux2-tiny-digits, a FLUX.2 transformer trained on 8x8 digits, shipped with the package."""
+    from .digits import model_dir
 
-    with tempfile.TemporaryDirectory(prefix="bonsai-tiny-") as tmp:
-        yield write_checkpoint(preset_config("tiny"), Path(tmp) / "tiny", seed=0)
+    return model_dir()
 
 
 def quantization_config(plan: Plan, shard_bytes: int) -> dict:

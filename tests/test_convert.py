@@ -236,3 +236,12 @@ def test_cli_refuses_a_broken_checkpoint_and_writes_nothing(how, message, tiny_c
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_cli_default_model_is_the_shipped_digits_model(tmp_path, capsys):
+    out = tmp_path / "default"
+    assert main(["convert", "--mode", "ternary", "--target", "mlx", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "using the built-in flux2-tiny-digits model" in captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["name"] == "flux2-tiny-digits" and report["tensors_quantized"] == 28
