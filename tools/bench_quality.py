@@ -5,7 +5,10 @@
 
 Rows: full precision, then for each default recipe (binary, ternary) the fake-quantized model (the dense
 reference: weights replaced by their exact quantized values) and the packs that `convert` writes, run through
-the reference runtime (bonsai_quant.runtime). Columns: the judge's accuracy (prompt following, the GenEval
+the reference runtime (bonsai_quant.runtime); then the calibrated solvers (act-aware, gptq: the default recipe
+with that solver and the shipped calibration set calibration/flux2-tiny-digits, whose noise seeds are disjoint
+from the benchmark's), the keep set `bonsai-quant sensitivity` chooses at the published set's byte budget (with
+the data-free solver, then with gptq), and the gptq MLX pack. Columns: the judge's accuracy (prompt following, the GenEval
 analog), the Fréchet distance of the judge's features to the real digits (fidelity; lower is better) and
 retention = accuracy / full-precision accuracy, the figure the Bonsai release quotes (~88% binary, ~95% ternary
 of klein 4B). A new quantization method is a new entry in `rows()`.
@@ -22,14 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bonsai_quant.convert import convert  # noqa: E402
 from bonsai_quant.digits import TextEncoder, model_dir  # noqa: E402
 from bonsai_quant.digits_judge import Judge  # noqa: E402
 from bonsai_quant.evaluate import LoadedModel, evaluate, load_for_eval, save_grid  # noqa: E402
 from bonsai_quant.plan import TARGETS  # noqa: E402
-from bonsai_quant.recipe import default_recipe  # noqa: E402
+from bonsai_quant.recipe import DEFAULT_SOLVERS, default_recipe, load_recipe  # noqa: E402
+
+CALIBRATION = ROOT / "calibration" / "flux2-tiny-digits"
 
 
 @dataclass
@@ -47,6 +53,31 @@ class Context:
             self._converted[mode] = out
         return self._converted[mode]
 
+    def recipe(self, mode: str, solver: str) -> Path:
+        """The default `mode` recipe with `solver` and the shipped calibration set, as a file eval can load."""
+        text = default_recipe(mode).text.replace(f"\nmode: {mode}\n", f"\nmode: {mode}\nsolver: {solver}\n"
+                                                 f"calibration: {CALIBRATION}\n", 1)
+        path = self.workdir / f"{mode}-{solver}.yaml"
+        path.write_text(text)
+        load_recipe(path)  # a broken edit fails here, naming the file
+        return path
+
+    def sensitivity_recipe(self, mode: str, solver: str) -> Path:
+        """The recipe `bonsai-quant sensitivity` writes (published budget, ranked with `solver`)."""
+        from bonsai_quant.sensitivity import sensitivity
+
+        path = self.workdir / f"sensitivity-{mode}-{solver}.yaml"
+        p = sensitivity(self.model, CALIBRATION, mode, solver=solver, out=path)["published"]
+        print(f"  sensitivity {mode}/{solver}: same keep set as published: {p['same']}; published only: "
+              f"{', '.join(p['only_published']) or '-'}; ranking only: {', '.join(p['only_ranking']) or '-'}",
+              file=sys.stderr)
+        return path
+
+    def calibrated_pack(self, mode: str) -> Path:
+        out = self.workdir / f"{mode}-gptq"
+        convert(self.model, load_recipe(self.recipe(mode, "gptq")), out, targets=("mlx",), verbose=False)
+        return out
+
 
 @dataclass
 class Row:
@@ -62,6 +93,14 @@ def rows() -> list[Row]:
         for target in TARGETS:
             out.append(Row(f"{mode} {target} pack", lambda c, m=mode, t=target: load_for_eval(c.pack(m), c.encoder,
                                                                                              target=t)))
+        for solver in ("act-aware", "gptq"):
+            out.append(Row(f"{mode} {solver}", lambda c, m=mode, s=solver: load_for_eval(
+                c.model, c.encoder, recipe_path=c.recipe(m, s))))
+        for solver in (DEFAULT_SOLVERS[mode], "gptq"):
+            out.append(Row(f"{mode} sensitivity keep set ({solver})", lambda c, m=mode, s=solver: load_for_eval(
+                c.model, c.encoder, recipe_path=c.sensitivity_recipe(m, s))))
+        out.append(Row(f"{mode} gptq mlx pack", lambda c, m=mode: load_for_eval(c.calibrated_pack(m), c.encoder,
+                                                                                target="mlx")))
     return out
 
 
@@ -106,11 +145,11 @@ def main() -> int:
     print(f"\nflux2-tiny-digits quality, {args.samples} samples per digit, seed {args.seed}; judge held-out accuracy "
           f"{judge.info['held_out_accuracy']:.4f}; real held-out digits score FD "
           f"{judge.info['frechet_distance_real_held_out']:.3f}\n")
-    print(f"| {'model':<24} | steps | accuracy | Fréchet distance | retention | seconds |")
-    print(f"| {'-' * 24} | ----: | -------: | ---------------: | --------: | ------: |")
+    print(f"| {'model':<38} | steps | accuracy | Fréchet distance | retention | seconds |")
+    print(f"| {'-' * 38} | ----: | -------: | ---------------: | --------: | ------: |")
     for r in results:
         ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
-        print(f"| {r['row']:<24} | {r['steps']:>5} | {r['accuracy']:>8.4f} | {r['frechet_distance']:>16.3f} | "
+        print(f"| {r['row']:<38} | {r['steps']:>5} | {r['accuracy']:>8.4f} | {r['frechet_distance']:>16.3f} | "
               f"{ret:>9} | {r['seconds']:>7.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"samples": args.samples, "seed": args.seed, "results": results}, indent=2)
