@@ -44,8 +44,12 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
     codes = torch.empty(out_features, in_features, dtype=torch.int8)
     scales = torch.empty(out_features, in_features // group_size, dtype=scale_dtype)
     err2 = ref2 = 0.0
-    for start in range(0, out_features, ROWS_PER_CHUNK):
-        rows = weight[start:start + ROWS_PER_CHUNK].float()
+    chunk = ROWS_PER_CHUNK
+    hessian = getattr(stats, "hessian", None) if solver == "gptq" else None
+    if hessian is not None and hessian.is_cuda:
+        chunk = out_features  # one pass over the columns: on a GPU its per-column kernel launches dominate
+    for start in range(0, out_features, chunk):
+        rows = weight[start:start + chunk].float()
         _check_finite(rows, name, start)
         groups = rows.reshape(-1, group_size)
         c, s = group_solver(rows, groups)
