@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,25 +12,15 @@ from hypothesis import strategies as st
 from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bonsai as P
 
+try:  # tests/ is on sys.path under pytest's default rootdir-relative imports
+    from pack_helpers import make_codes, make_scales
+except ImportError:  # tests/ made a package
+    from tests.pack_helpers import make_codes, make_scales
+
+
+make_scales_nz = functools.partial(make_scales, negative_zero=True)  # this layout must keep -0.0 too
+
 SETTINGS = settings(max_examples=60, deadline=None)
-
-
-def make_codes(mode: str, out: int, inn: int, ramp: bool, seed: int) -> torch.Tensor:
-    k = 2 if mode == "binary" else 3
-    if ramp:  # a fixed pattern makes a permuted or shifted slot show up as a visibly wrong pattern
-        raw = (torch.arange(out * inn) % k).reshape(out, inn).to(torch.int8)
-    else:
-        raw = torch.randint(0, k, (out, inn), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
-    return raw * 2 - 1 if mode == "binary" else raw - 1
-
-
-def make_scales(out: int, groups: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 1)
-    magnitude = 10.0 ** (torch.rand(out, groups, generator=g) * 6 - 4)  # 1e-4 .. 1e2
-    s = torch.randn(out, groups, generator=g) * magnitude
-    s[torch.rand(out, groups, generator=g) < 0.1] = 0.0  # all-zero groups have s = 0
-    s[torch.rand(out, groups, generator=g) < 0.05] = -0.0  # the sign of zero must survive too
-    return s.to(dtype)
 
 
 def reference_bytes(codes: torch.Tensor, mode: str) -> torch.Tensor:
@@ -56,7 +48,7 @@ def cases(draw):
     groups = draw(st.integers(1, 5))  # in % 5 takes every value 0..4 over these (e.g. 160, 256, 512, 128, 384)
     seed = draw(st.integers(0, 2**31 - 1))
     codes = make_codes(mode, out, gs * groups, draw(st.booleans()), seed)
-    return mode, gs, codes, make_scales(out, groups, dtype, seed)
+    return mode, gs, codes, make_scales_nz(out, groups, dtype, seed)
 
 
 def check_round_trip(mode, gs, codes, scales):
@@ -89,7 +81,7 @@ def test_pack_matches_layout_reference_and_round_trips(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ternary_every_padding_length(inn, gs, dtype):
     codes = make_codes("ternary", 7, inn, ramp=True, seed=0)
-    packed = check_round_trip("ternary", gs, codes, make_scales(7, inn // gs, dtype, seed=inn))
+    packed = check_round_trip("ternary", gs, codes, make_scales_nz(7, inn // gs, dtype, seed=inn))
     assert packed["codes"].shape[1] == -(-inn // 5)
     # Padding is trit 1 (code 0): every byte decoded whole is the row followed by zero weights.
     whole = P.unpack_trits(packed["codes"], packed["codes"].shape[1] * 5)
@@ -261,7 +253,7 @@ def test_unpack_in_the_wrong_mode():
 
 @pytest.mark.parametrize("mode", ["binary", "ternary"])
 def test_unpack_accepts_strided_tensors(mode):
-    codes, scales = make_codes(mode, 5, 256, False, 3), make_scales(5, 2, torch.float16, 3)
+    codes, scales = make_codes(mode, 5, 256, False, 3), make_scales_nz(5, 2, torch.float16, 3)
     packed = P.pack(codes, scales, mode, 128)
     strided = {k: v.t().contiguous().t() for k, v in packed.items()}
     assert not strided["codes"].is_contiguous()

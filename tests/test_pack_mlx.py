@@ -11,29 +11,17 @@ from hypothesis import strategies as st
 from bonsai_quant.errors import PackError
 from bonsai_quant.packing import mlx as P
 
+try:  # tests/ is on sys.path under pytest's default rootdir-relative imports
+    from pack_helpers import make_codes, make_scales
+except ImportError:  # tests/ made a package
+    from tests.pack_helpers import make_codes, make_scales
+
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 
 BITS = {"binary": 1, "ternary": 2}
 MX_DTYPE = {torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 SETTINGS = settings(max_examples=50, deadline=None)
-
-
-def make_codes(mode: str, out: int, inn: int, ramp: bool, seed: int) -> torch.Tensor:
-    k = 2 if mode == "binary" else 3
-    if ramp:  # a fixed pattern makes a permuted or shifted slot show up as a visibly wrong pattern
-        raw = (torch.arange(out * inn) % k).reshape(out, inn).to(torch.int8)
-    else:
-        raw = torch.randint(0, k, (out, inn), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
-    return raw * 2 - 1 if mode == "binary" else raw - 1
-
-
-def make_scales(out: int, groups: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 1)
-    magnitude = 10.0 ** (torch.rand(out, groups, generator=g) * 6 - 4)  # 1e-4 .. 1e2
-    s = torch.randn(out, groups, generator=g) * magnitude
-    s[torch.rand(out, groups, generator=g) < 0.1] = 0.0  # all-zero groups have s = 0
-    return s.to(dtype)
 
 
 @st.composite

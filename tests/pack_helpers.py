@@ -1,0 +1,22 @@
+"""Codes and scales for the pack round-trip tests of every target."""
+
+import torch
+
+
+def make_codes(mode: str, out: int, inn: int, ramp: bool, seed: int) -> torch.Tensor:
+    k = 2 if mode == "binary" else 3
+    if ramp:  # a fixed pattern makes a permuted or shifted slot show up as a visibly wrong pattern
+        raw = (torch.arange(out * inn) % k).reshape(out, inn).to(torch.int8)
+    else:
+        raw = torch.randint(0, k, (out, inn), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+    return raw * 2 - 1 if mode == "binary" else raw - 1
+
+
+def make_scales(out: int, groups: int, dtype: torch.dtype, seed: int, negative_zero: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    magnitude = 10.0 ** (torch.rand(out, groups, generator=g) * 6 - 4)  # 1e-4 .. 1e2
+    s = torch.randn(out, groups, generator=g) * magnitude
+    s[torch.rand(out, groups, generator=g) < 0.1] = 0.0  # all-zero groups have s = 0
+    if negative_zero:
+        s[torch.rand(out, groups, generator=g) < 0.05] = -0.0  # the sign of zero must survive too
+    return s.to(dtype)
