@@ -166,6 +166,22 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+class MemoryCheckpoint(Checkpoint):
+    """Tensors held in memory, described like a checkpoint on disk (the config is read from `path`): what
+    `distill` hands to the convert path, so a trained model is packed by the same code as a file."""
+
+    def __init__(self, path: str | Path, tensors: dict[str, torch.Tensor]):
+        self.path = _checkpoint_dir(Path(path))
+        self.config = read_config(self.path / "config.json")
+        self._memory = tensors
+        self.tensors = {name: TensorInfo(name, t.dtype, tuple(t.shape), self.path / "(memory)")
+                        for name, t in tensors.items()}
+        self._handles = {}
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._memory[name]
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str

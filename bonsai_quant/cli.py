@@ -291,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
 
+    from .distill.cli import add_distill_parser
     from .evaluate import add_eval_parser
 
+    add_distill_parser(sub)
     add_eval_parser(sub)
     return parser
 

@@ -95,14 +95,17 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
 
 def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 verbose: bool = False, calib=None, calib_device: str = "cpu") -> dict:
-    """The work of `convert` inside an existing (temporary) folder: packs and report.json."""
+                 verbose: bool = False, calib=None, calib_device: str = "cpu", extra_config: dict | None = None) -> dict:
+    """The work of `convert` inside an existing (temporary) folder: packs and report.json.
+
+    `extra_config`: more top-level keys for quantization_config.json (distill records its training there)."""
     echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     records, warnings = [], []
     stats, calibration = _calibration_stats(checkpoint, plan, calib, calib_device, echo)
     qconfig = quantization_config(plan, max_shard_bytes)
     if calibration is not None:
         qconfig["calibration"] = calibration  # only for calibrated packs: data-free packs stay byte-identical
+    qconfig.update(extra_config or {})
     slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
     packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
     try:

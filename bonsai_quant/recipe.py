@@ -23,7 +23,9 @@ from .errors import RecipeError
 FORMAT_VERSION = 1
 MODES = ("binary", "ternary")
 # act-aware and gptq are calibrated (they need a calibration set: --calib or the `calibration:` key).
-SOLVERS = {"binary": ("absmean", "act-aware", "gptq"), "ternary": ("optimal", "threshold", "act-aware", "gptq")}
+# grid reads weights already on the grid (a distilled checkpoint) and refuses anything else.
+SOLVERS = {"binary": ("absmean", "act-aware", "gptq", "grid"),
+           "ternary": ("optimal", "threshold", "act-aware", "gptq", "grid")}
 DEFAULT_SOLVERS = {"binary": "absmean", "ternary": "optimal"}
 GROUP_SIZES = (32, 64, 128)  # what MLX's 1- and 2-bit kernels accept
 SCALE_DTYPES = ("float16", "bfloat16")
@@ -32,7 +34,7 @@ TARGETS = ("mlx", "gemlite", "bonsai")
 DEFAULT_TARGETS = ("mlx", "gemlite")
 
 _TOP_KEYS = ("format_version", "name", "mode", "group_size", "scale_dtype", "kept_dtype", "solver", "targets",
-             "calibration", "rules")
+             "calibration", "distill", "rules")
 _RULE_KEYS = ("keep", "quantize", "mode", "solver")
 _PATTERN_HINT = "a glob over tensor or module names, e.g. x_embedder or transformer_blocks.*.attn.norm_*"
 
@@ -76,6 +78,7 @@ class Recipe:
     text: str = field(repr=False)
     calibration: str | None = None  # a calibration set folder, relative to the recipe file's folder
     calibration_line: int = 0
+    distill: dict | None = None  # `distill:` settings given in the file (bonsai_quant.distill.settings)
 
     def rule_for(self, tensor_name: str) -> Rule | None:
         """The first rule matching `tensor_name` (first match wins), or None."""
@@ -119,6 +122,7 @@ class Recipe:
             "solver": self.solver,
             "targets": list(self.targets),
             **({"calibration": self.calibration} if self.calibration is not None else {}),
+            **({"distill": dict(self.distill)} if self.distill is not None else {}),
             "rules": [r.to_dict() for r in self.rules],
         }
 
@@ -245,9 +249,47 @@ class _Parser:
                                       "this file, e.g. ../calibration/flux2-tiny-digits")
             calibration_line = _line(fields["calibration"])
         rules = self.rules(fields["rules"], mode, mode_note) if "rules" in fields else ()
+        distill = self.distill(fields["distill"]) if "distill" in fields else None
         return Recipe(name=name, mode=mode, group_size=group_size, scale_dtype=scale_dtype, kept_dtype=kept_dtype,
                       solver=solver, targets=targets, rules=rules, source=self.source, text=text,
-                      calibration=calibration, calibration_line=calibration_line)
+                      calibration=calibration, calibration_line=calibration_line, distill=distill)
+
+    def distill(self, node: Node) -> dict:
+        from .distill.settings import KEYS, DistillSettings
+
+        if not isinstance(node, MappingNode):
+            raise self.fail(node, "distill", f"expected a mapping, got {self.describe(node)}",
+                            f"a mapping of {', '.join(KEYS)}")
+        fields = self.mapping(node, "distill.")
+        self.reject_unknown(node, "distill.", tuple(KEYS))
+        values = {}
+        for key, value_node in fields.items():
+            kind = KEYS[key]
+            path = f"distill.{key}"
+            if kind == "int":
+                values[key] = self.integer(value_node, path, "an integer")
+            elif kind == "float":
+                value = self.value(value_node) if isinstance(value_node, ScalarNode) else None
+                if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        pass
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise self.fail(value_node, path, f"expected a number, got {self.describe(value_node)}",
+                                    "a number, e.g. 2.0e-4")
+                values[key] = float(value)
+            elif kind == "bool":
+                value = self.value(value_node) if isinstance(value_node, ScalarNode) else None
+                if not isinstance(value, bool):
+                    raise self.fail(value_node, path, f"expected true or false, got {self.describe(value_node)}",
+                                    "true, false")
+                values[key] = value
+            else:
+                values[key] = self.string(value_node, path, "a string")
+        for key, what, valid in DistillSettings().updated(**values).problems():
+            raise self.fail(fields[key], f"distill.{key}", what, valid)
+        return values
 
     def compose(self, text: str) -> Node | None:
         try:

@@ -63,6 +63,12 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
         err2 += float(diff.square().sum())
         ref2 += float(groups.square().sum())
     rel = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
+    if solver == "grid" and err2 > 0:
+        raise BonsaiError(f"{name}: solver 'grid' needs weights already on a {mode} grid (each group of "
+                          f"{group_size} holding only {'-s, +s' if mode == 'binary' else '-s, 0, +s'} with s exact "
+                          f"in {str(scale_dtype).removeprefix('torch.')}), but re-quantizing changes it (relative "
+                          f"error {rel:.3g}); valid: a checkpoint written by `bonsai-quant distill "
+                          "--save-checkpoint`, or a rounding solver")
     return QuantizedTensor(codes, scales, rel)
 
 

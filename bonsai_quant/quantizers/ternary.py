@@ -3,7 +3,8 @@
 `optimal` is the exact least-squares solution: for a fixed support of k nonzeros the best scale is the mean of
 their |w|, and the best support of size k is the k largest |w|, so the error is sum(w^2) - S_k^2 / k with S_k
 the sum of the k largest |w|; we pick the k maximising S_k^2 / k. `threshold` is the TWN rule of thumb
-(support |w| > 0.7 * mean|w|), kept for comparison.
+(support |w| > 0.7 * mean|w|), kept for comparison. `grid` reads weights already on a ternary grid (a distilled
+checkpoint): s = max|w|, support = the nonzeros; `quantize` refuses the tensor unless that is exact.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SOLVERS = ("optimal", "threshold")
+SOLVERS = ("optimal", "threshold", "grid")
 
 
 def quantize_groups(groups: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +24,9 @@ def quantize_groups(groups: torch.Tensor, solver: str) -> tuple[torch.Tensor, to
         support = mag > 0.7 * mag.mean(dim=-1, keepdim=True)
         count = support.sum(dim=-1)
         scale = torch.where(count > 0, (mag * support).sum(dim=-1) / count.clamp(min=1), 0.0)
+    elif solver == "grid":
+        support = mag > 0
+        scale = mag.amax(dim=-1)
     else:
         raise ValueError(f"ternary solver {solver!r}; valid: {', '.join(SOLVERS)}")
     codes = torch.sign(groups).to(torch.int8) * support

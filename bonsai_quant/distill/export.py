@@ -1,0 +1,74 @@
+"""A trained student -> packs, through the same plan -> quantize -> pack -> write path as `convert`.
+
+The student's weights are laid out as a checkpoint in memory: each quantized tensor as codes * scale in float32
+(exactly on its grid), each kept tensor in the dtype the plan keeps it in. Converting that with the `grid`
+solver recovers the student's codes and scales bit for bit (and refuses anything off the grid), so the packs
+are what the student computed in training, and `verify` and `release` treat them like any other pack.
+`--save-checkpoint` writes the same tensors as a diffusers checkpoint: `verify --source` re-derives the packs
+from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import WEIGHTS_NAME, Entry, MemoryCheckpoint, ShardedWriter
+from ..convert import DEFAULT_SHARD_BYTES, convert_into
+from ..plan import Plan, make_plan
+from ..quantizers import dequantize
+from ..recipe import Recipe
+from .student import quantized_modules
+
+
+def grid_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with every quantizing solver replaced by `grid`: same keep set, modes, group size, dtypes."""
+    rules = tuple(dataclasses.replace(r, solver="grid") if r.action == "quantize" else r for r in recipe.rules)
+    return dataclasses.replace(recipe, solver="grid", rules=rules)
+
+
+def student_tensors(student: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, from the student: quantized ones on their grid (float32), kept ones in
+    the dtype the plan keeps them in."""
+    layers = quantized_modules(student)
+    params = dict(student.named_parameters())
+    out = {}
+    for d in plan.decisions:
+        if d.action == "quantize":
+            codes, scales = layers[d.module].quantized()
+            out[d.name] = dequantize(codes.cpu(), scales.cpu(), plan.recipe.group_size)
+        else:
+            out[d.name] = params[d.name].detach().cpu().to(d.kept_dtype)
+    return out
+
+
+def export(student: torch.nn.Module, source_path: Path, source_plan: Plan, folder: Path, record: dict,
+           save_checkpoint: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False) -> dict:
+    """Write the packs (one folder per target), report.json and, if asked, checkpoint/ into `folder`."""
+    tensors = student_tensors(student, source_plan)
+    source = MemoryCheckpoint(Path(source_path), tensors)
+    plan = make_plan(source, grid_recipe(source_plan.recipe), source_plan.targets)
+    report = convert_into(folder, source, plan, max_shard_bytes, verbose, extra_config={"distill": record})
+    if save_checkpoint:
+        write_checkpoint(folder / "checkpoint", Path(source_path) / "config.json", tensors, max_shard_bytes)
+    return report
+
+
+def write_checkpoint(folder: Path, config: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_bytes(Path(config).read_bytes())
+    entries = [Entry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = ShardedWriter(folder, entries, WEIGHTS_NAME.removesuffix(".safetensors"), max_shard_bytes)
+    try:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    (folder / "README.md").write_text(
+        "# distilled weights on their grid\n\nThe student's weights as a diffusers checkpoint: quantized tensors "
+        "as codes x scale in float32, kept tensors in their pack dtype. `bonsai-quant verify PACK --source "
+        "checkpoint` re-derives the packs from it (solver `grid`).\n")
