@@ -86,7 +86,8 @@ class Trainer:
         self.opts, self.settings = opts, opts.settings
         for key, what, valid in self.settings.problems():
             raise BonsaiError(f"distill setting {key}: {what}; valid: {valid}")
-        self.acc = Accelerator(mixed_precision=opts.mixed_precision, cpu=opts.cpu)
+        # accelerate runs several CPU processes (gloo) only when told cpu=True: without a GPU there is no choice.
+        self.acc = Accelerator(mixed_precision=opts.mixed_precision, cpu=opts.cpu or not torch.cuda.is_available())
         self.main = self.acc.is_main_process
         self.part = _part(self.settings.batch_size, self.acc)
 
@@ -276,10 +277,18 @@ class Trainer:
             from ..evaluate import LoadedModel, evaluate
 
             model = self.acc.unwrap_model(self.student)
+            params = dict(model.named_parameters())
+            master = {d.name: params[d.name].detach().clone() for d in self.plan.kept}
+            for d in self.plan.kept:  # judge the weights the pack will hold: kept tensors in their 16-bit dtype
+                params[d.name].data.copy_(master[d.name].to(d.kept_dtype).float())
             model.eval()
-            report, _ = evaluate(LoadedModel(model, "student", "fake-quant"), samples=self.opts.eval_samples,
-                                 encoder=self.encoder)
-            model.train()
+            try:
+                report, _ = evaluate(LoadedModel(model, "student", "fake-quant"), samples=self.opts.eval_samples,
+                                     encoder=self.encoder)
+            finally:
+                model.train()
+                for name, value in master.items():
+                    params[name].data.copy_(value)
             result = {"accuracy": report["accuracy"], "frechet_distance": report["frechet_distance"]}
             self.log(f"quality ({self.opts.eval_samples} per digit, 4 steps): accuracy {result['accuracy']:.3f}, "
                      f"FD {result['frechet_distance']:.1f}")
