@@ -8,7 +8,8 @@ reference: weights replaced by their exact quantized values) and the packs that 
 the reference runtime (bonsai_quant.runtime); then the calibrated solvers (act-aware, gptq: the default recipe
 with that solver and the shipped calibration set calibration/flux2-tiny-digits, whose noise seeds are disjoint
 from the benchmark's), the keep set `bonsai-quant sensitivity` chooses at the published set's byte budget (with
-the data-free solver, then with gptq), and the gptq MLX pack. Columns: the judge's accuracy (prompt following, the GenEval
+the data-free solver, then with gptq), the gptq MLX pack, and the MLX packs `bonsai-quant distill` writes (default
+settings, initialised from the default recipe's data-free solver, then from gptq). Columns: the judge's accuracy (prompt following, the GenEval
 analog), the Fréchet distance of the judge's features to the real digits (fidelity; lower is better) and
 retention = accuracy / full-precision accuracy, the figure the Bonsai release quotes (~88% binary, ~95% ternary
 of klein 4B). A new quantization method is a new entry in `rows()`.
@@ -79,6 +80,20 @@ class Context:
         return out
 
 
+    def distilled_pack(self, mode: str, solver: str) -> Path:
+        """`bonsai-quant distill` with the default `mode` recipe (or its `solver` variant) and default settings."""
+        from bonsai_quant.distill import DistillOptions, DistillSettings, distill
+
+        recipe = default_recipe(mode) if solver == DEFAULT_SOLVERS[mode] else load_recipe(self.recipe(mode, solver))
+        out = self.workdir / f"{mode}-{solver}-distilled"
+        start = time.perf_counter()
+        record = distill(DistillOptions(self.model, recipe, out, DistillSettings(), calib=CALIBRATION,
+                                        targets=("mlx",), verbose=False))["distill"]
+        print(f"  distill {mode} from {solver}: loss {record['loss']['first']:.4g} -> {record['loss']['last']:.4g} "
+              f"in {record['settings']['steps']} steps, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        return out
+
+
 @dataclass
 class Row:
     name: str
@@ -101,6 +116,9 @@ def rows() -> list[Row]:
                 c.model, c.encoder, recipe_path=c.sensitivity_recipe(m, s))))
         out.append(Row(f"{mode} gptq mlx pack", lambda c, m=mode: load_for_eval(c.calibrated_pack(m), c.encoder,
                                                                                 target="mlx")))
+        for solver in (DEFAULT_SOLVERS[mode], "gptq"):
+            out.append(Row(f"{mode} distilled from {solver} (mlx pack)", lambda c, m=mode, s=solver: load_for_eval(
+                c.distilled_pack(m, s), c.encoder, target="mlx")))
     return out
 
 

@@ -160,7 +160,9 @@ class Trainer:
             student.enable_gradient_checkpointing()
         student.train()
         self.student = student.to(device)
-        self.optimizer = torch.optim.AdamW(self.param_groups(), betas=(0.9, 0.99), weight_decay=0.0)
+        # fused on a GPU: the foreach path makes temporaries the size of whole parameter groups (16 GB at klein)
+        self.optimizer = torch.optim.AdamW(self.param_groups(), betas=(0.9, 0.99), weight_decay=0.0,
+                                           fused=device.type == "cuda")
         self.student, self.optimizer = self.acc.prepare(self.student, self.optimizer)
 
     def make_student(self, student: torch.nn.Module, initialise: bool) -> dict[str, int]:
