@@ -179,7 +179,11 @@ def cmd_release(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import format_report, verify
 
-    report = verify(args.pack, source=args.source, image_tokens=args.image_tokens, text_tokens=args.text_tokens)
+    if args.calib is not None and args.source is None:
+        raise BonsaiError("--calib re-runs calibrated solvers for the comparison with --source; valid: give "
+                          "--source MODEL too")
+    report = verify(args.pack, source=args.source, image_tokens=args.image_tokens, text_tokens=args.text_tokens,
+                    calib=args.calib)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -286,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards")
     p.add_argument("pack", type=Path, help="a pack folder or a convert output folder")
     p.add_argument("--source", type=Path, help="the checkpoint it was converted from: check against re-quantization")
+    p.add_argument("--calib", type=Path, metavar="SET",
+                   help="with --source: the calibration set a calibrated (act-aware, gptq) pack was made with")
     p.add_argument("--image-tokens", type=int, default=64, help="image tokens of the end-to-end forward (default 64)")
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens of the end-to-end forward (default 32)")
     p.add_argument("--json", action="store_true", help="machine-readable report")

@@ -96,8 +96,9 @@ def _lazy_dense_model(config: dict, kept: dict[str, torch.Tensor], fetch: dict):
 
 
 class PackVerifier:
-    def __init__(self, folder: Path, source: Path | None, image_tokens: int, text_tokens: int, seed: int):
-        self.folder, self.source = folder, source
+    def __init__(self, folder: Path, source: Path | None, image_tokens: int, text_tokens: int, seed: int,
+                 calib: Path | None = None):
+        self.folder, self.source, self.calib = folder, source, calib
         self.image_tokens, self.text_tokens, self.seed = image_tokens, text_tokens, seed
         self.qconfig: dict = {}
         self.config: dict = {}
@@ -180,6 +181,7 @@ class PackVerifier:
             _fail(f"--source {self.source}: config.json differs from the pack's")
         decisions = decide_all(specs, {n: t.dtype for n, t in ckpt.tensors.items()}, recipe)
         scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
+        stats = self._calibration_stats(ckpt, decisions)
         for d in decisions:
             if d.action == "keep":
                 if d.name not in q["kept"]:
@@ -193,7 +195,8 @@ class PackVerifier:
                 continue
             if d.module not in q["quantized"]:
                 _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
-            requant = quantize(ckpt.load(d.name), d.mode, recipe.group_size, scale_dtype, d.solver, name=d.name)
+            requant = quantize(ckpt.load(d.name), d.mode, recipe.group_size, scale_dtype, d.solver, name=d.name,
+                               stats=stats.get(d.name) if stats is not None else None)
             codes, scales = self.decode(d.module)
             if not torch.equal(codes, requant.codes):
                 idx = (codes != requant.codes).nonzero()[0].tolist()
@@ -204,6 +207,32 @@ class PackVerifier:
                 _fail(f"{d.module}: scale at [out, group] {idx} is {scales[tuple(idx)].item()}, re-quantizing "
                       f"the source gives {requant.scales[tuple(idx)].item()}")
         step.detail += f"; equal to re-quantizing {self.source} under the recorded recipe"
+        if stats is not None:
+            step.detail += f" with calibration set {self.calib}"
+
+    def _calibration_stats(self, ckpt: Checkpoint, decisions):
+        """Statistics for re-running calibrated solvers, from the same set the pack records (or None)."""
+        from .quantizers import CALIBRATED_SOLVERS
+
+        wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in decisions
+                  if d.action == "quantize" and d.solver in CALIBRATED_SOLVERS}
+        if not wanted:
+            return None
+        record = self.qconfig.get("calibration") or {}
+        if self.calib is None:
+            _fail(f"{len(wanted)} layers were quantized with calibrated solvers "
+                  f"({', '.join(sorted({d.solver for d in decisions if d.name in wanted}))}); re-quantizing them "
+                  f"needs the calibration set the pack records ({record.get('set', 'unknown')!r}, sha256 "
+                  f"{str(record.get('fingerprint'))[:12]}...): --calib SET")
+        from .calibration import load_calibration, load_model
+        from .stats import BlockStats
+
+        calib = load_calibration(self.calib)
+        if calib.fingerprint() != record.get("fingerprint"):
+            _fail(f"--calib {self.calib}: not the calibration set this pack was made with (sha256 "
+                  f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
+        dtype = getattr(torch, record.get("model_dtype", "float32"))
+        return BlockStats(load_model(ckpt.path, dtype=dtype), calib, wanted)
 
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
@@ -368,10 +397,10 @@ class PackVerifier:
 
 
 def verify(path: Path, source: Path | None = None, image_tokens: int = 64, text_tokens: int = 32,
-           seed: int = 0) -> dict:
+           seed: int = 0, calib: Path | None = None) -> dict:
     packs = []
     for folder in pack_folders(Path(path)):
-        steps = PackVerifier(folder, source, image_tokens, text_tokens, seed).run()
+        steps = PackVerifier(folder, source, image_tokens, text_tokens, seed, calib).run()
         packs.append({"folder": str(folder), "steps": [asdict(s) for s in steps]})
     ok = all(s["status"] != "fail" for p in packs for s in p["steps"])
     return {"ok": ok, "packs": packs}

@@ -225,6 +225,17 @@ def test_convert_with_a_calibrated_solver(tmp_path, small_set, digits_model, cap
         tensors = {k.removeprefix(module + "."): v for k, v in packed.items() if k.startswith(module + ".")}
         codes, scales = mlx.unpack(tensors, "ternary", 128)
         assert torch.equal(dequantize(codes, scales, 128), params[module + ".weight"].detach())
+    # verify --source re-runs the calibrated solvers, given the same set, and says what is missing otherwise.
+    capsys.readouterr()
+    pack = tmp_path / "a" / "mlx"
+    assert main(["verify", str(pack), "--source", str(model_dir())]) == 1
+    out = capsys.readouterr().out
+    assert "28 layers were quantized with calibrated solvers (act-aware, gptq); re-quantizing them needs the " \
+           "calibration set the pack records ('small', sha256" in out and "--calib SET" in out
+    assert main(["verify", str(pack), "--source", str(model_dir()), "--calib", str(small_set.path)]) == 0
+    assert f"under the recorded recipe with calibration set {small_set.path}" in capsys.readouterr().out
+    assert main(["verify", str(pack), "--source", str(model_dir()), "--calib", str(SHIPPED_SET)]) == 1
+    assert "not the calibration set this pack was made with" in capsys.readouterr().out
 
 
 def test_convert_refuses_a_set_made_for_another_model(tmp_path, tiny_ckpt, capsys):

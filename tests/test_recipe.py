@@ -234,7 +234,7 @@ ERRORS = [
      r"r\.yaml:3: scale_dtype: unknown scale dtype 'float32'.*; valid: float16, bfloat16$"),
     (HEAD + "kept_dtype: fp16\n", r"r\.yaml:3: kept_dtype: unknown kept dtype 'fp16'.*; valid: source, float16, "),
     (HEAD + "solver: absmin\n", r"r\.yaml:3: solver: unknown solver 'absmin' \(did you mean 'absmean'\?\); "
-                                r"valid: absmean, act-aware, gptq$"),
+                                r"valid: absmean, act-aware, gptq, grid$"),
     (HEAD + "targets: [mlx, cuda]\n", r"r\.yaml:3: targets\[1\]: unknown target 'cuda'; valid: mlx, gemlite, bonsai$"),
     (HEAD + "rules:\n  - quantize: a\n    mode: int4\n", r"r\.yaml:5: rules\[0\]\.mode: unknown mode 'int4'"),
     ("format_version: 2\nmode: binary\nfuture_key: 1\n",
@@ -244,7 +244,7 @@ ERRORS = [
     ("\n\nformat_version: 1\nname: x\n", r"r\.yaml:3: mode: required key is missing; valid: binary, ternary$"),
     ("format_version: 1\nmode:\n", r"r\.yaml:2: mode: is empty; valid: binary, ternary$"),
     (HEAD + "name: ''\n", r"r\.yaml:3: name: is empty; valid: a non-empty string$"),
-    (HEAD + "solver: ~\n", r"r\.yaml:3: solver: is empty; valid: absmean, act-aware, gptq$"),
+    (HEAD + "solver: ~\n", r"r\.yaml:3: solver: is empty; valid: absmean, act-aware, gptq, grid$"),
     (HEAD + "targets: []\n", r"r\.yaml:3: targets: is empty; valid: at least one of mlx, gemlite, bonsai$"),
     (HEAD + "rules:\n", r"r\.yaml:3: rules: is empty; valid: "),
     (HEAD + "rules:\n  - keep: ''\n", r"r\.yaml:4: rules\[0\]\.keep: is empty; valid: a glob"),
@@ -261,12 +261,12 @@ ERRORS = [
      r"r\.yaml:6: rules\[2\]\.quantize: pattern 'a' already used by rules\[0\] \(line 4\).*; valid: each pattern once"),
     # impossible combinations
     ("format_version: 1\nmode: binary\nsolver: optimal\n",
-     r"r\.yaml:3: solver: 'optimal' is a ternary solver, but the mode is binary; valid: absmean, act-aware, gptq$"),
+     r"r\.yaml:3: solver: 'optimal' is a ternary solver, but the mode is binary; valid: absmean, act-aware, gptq, grid$"),
     (HEAD + "rules:\n  - quantize: a\n    solver: optimal\n",
-     r"r\.yaml:5: rules\[0\]\.solver: 'optimal' is a ternary solver, but the mode is binary; valid: absmean, act-aware, gptq$"),
+     r"r\.yaml:5: rules\[0\]\.solver: 'optimal' is a ternary solver, but the mode is binary; valid: absmean, act-aware, gptq, grid$"),
     (HEAD + "rules:\n  - quantize: a\n    mode: ternary\n    solver: absmean\n",
      r"r\.yaml:6: rules\[0\]\.solver: 'absmean' is a binary solver, but the mode is ternary "
-     r"\(set by rules\[0\]\.mode\); valid: optimal, threshold, act-aware, gptq$"),
+     r"\(set by rules\[0\]\.mode\); valid: optimal, threshold, act-aware, gptq, grid$"),
     (HEAD + "rules:\n  - keep: a\n    mode: ternary\n",
      r"r\.yaml:5: rules\[0\]\.mode: a keep rule takes no mode; valid: drop mode, or use quantize: a "),
     (HEAD + "rules:\n  - keep: a\n    solver: absmean\n",

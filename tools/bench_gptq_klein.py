@@ -94,7 +94,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="trajectories sampled together (default 4)")
     ap.add_argument("--stats-batch", type=int, default=8, help="calls per statistics forward (default 8)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="skip the H-weighted error against the data-free solver (saves its CPU time)")
+    ap.add_argument("--json", type=Path, help="also write the results here (rewritten after every layer)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,12 +153,20 @@ def main() -> int:
                 torch.cuda.synchronize()
             row[f"{mode}_seconds"] = round(time.perf_counter() - t, 2)
             gptq_s[mode] += row[f"{mode}_seconds"]
+            if args.no_compare:
+                continue
             base = quantize(weight, mode, 128, torch.float16, DATA_FREE[mode])
             row[f"{mode}_h_error_vs_data_free"] = round(
                 h_error(weight, dequantize(q.codes, q.scales, 128), stats.hessian)
                 / h_error(weight, dequantize(base.codes, base.scales, 128), stats.hessian), 4)
         layers.append(row)
         print(f"  {name} {row}", file=sys.stderr, flush=True)
+        if args.json:  # a run cut short still leaves its figures so far
+            results["layers"] = layers
+            results["partial"] = {"layers_done": len(layers), "statistics_seconds": round(stats_s, 2),
+                                  "gptq_seconds": {m: round(v, 2) for m, v in gptq_s.items()},
+                                  "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None}
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
     phases["statistics"] = {"seconds": round(stats_s, 2), "passes": blocks.passes}
     for mode in args.modes:
         phases[f"gptq {mode}"] = {"seconds": round(gptq_s[mode], 2)}
@@ -175,7 +185,7 @@ def main() -> int:
               f"{p.get('cuda_peak_gb') or '-':>12} |")
     s = results["stats_and_gptq"]
     print(f"| {'stats + gptq':<16} | {s['seconds']:>7.1f} | {s['host_peak_gb']:>12} | {s['cuda_peak_gb'] or '-':>12} |")
-    for mode in args.modes:
+    for mode in args.modes if not args.no_compare else ():
         ratios = [r[f"{mode}_h_error_vs_data_free"] for r in layers]
         print(f"{mode}: gptq H-weighted error / data-free, mean over layers {sum(ratios) / len(ratios):.3f}")
     if args.json:

@@ -163,11 +163,11 @@ def main() -> int:
     print(f"\nflux2-tiny-digits quality, {args.samples} samples per digit, seed {args.seed}; judge held-out accuracy "
           f"{judge.info['held_out_accuracy']:.4f}; real held-out digits score FD "
           f"{judge.info['frechet_distance_real_held_out']:.3f}\n")
-    print(f"| {'model':<38} | steps | accuracy | Fréchet distance | retention | seconds |")
-    print(f"| {'-' * 38} | ----: | -------: | ---------------: | --------: | ------: |")
+    print(f"| {'model':<44} | steps | accuracy | Fréchet distance | retention | seconds |")
+    print(f"| {'-' * 44} | ----: | -------: | ---------------: | --------: | ------: |")
     for r in results:
         ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
-        print(f"| {r['row']:<38} | {r['steps']:>5} | {r['accuracy']:>8.4f} | {r['frechet_distance']:>16.3f} | "
+        print(f"| {r['row']:<44} | {r['steps']:>5} | {r['accuracy']:>8.4f} | {r['frechet_distance']:>16.3f} | "
               f"{ret:>9} | {r['seconds']:>7.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"samples": args.samples, "seed": args.seed, "results": results}, indent=2)

@@ -10,7 +10,7 @@ from it.
 
 from __future__ import annotations
 
-import dataclasses
+import yaml
 from pathlib import Path
 
 import torch
@@ -19,14 +19,22 @@ from ..checkpoint import WEIGHTS_NAME, Entry, MemoryCheckpoint, ShardedWriter
 from ..convert import DEFAULT_SHARD_BYTES, convert_into
 from ..plan import Plan, make_plan
 from ..quantizers import dequantize
-from ..recipe import Recipe
+from ..recipe import Recipe, parse_recipe
 from .student import quantized_modules
 
 
 def grid_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with every quantizing solver replaced by `grid`: same keep set, modes, group size, dtypes."""
-    rules = tuple(dataclasses.replace(r, solver="grid") if r.action == "quantize" else r for r in recipe.rules)
-    return dataclasses.replace(recipe, solver="grid", rules=rules)
+    """The recipe with every quantizing solver replaced by `grid` (same keep set, modes, group size, dtypes),
+    as YAML text of its own: the packs record it, so `verify --source` re-runs exactly this."""
+    data = recipe.to_dict()
+    data["solver"] = "grid"
+    data["rules"] = [{**r, "solver": "grid"} if "quantize" in r else r for r in data["rules"]]
+    data.pop("calibration", None)  # grid needs no statistics
+    data.pop("distill", None)      # the training settings are recorded under `distill`
+    text = ("# Written by `bonsai-quant distill`: the packs hold the trained codes and scales, which the grid solver\n"
+            "# reads back exactly from the student's weights. The recipe it was trained from is in distill.recipe_yaml.\n"
+            + yaml.safe_dump(data, sort_keys=False))
+    return parse_recipe(text, f"{recipe.name} (distilled)")
 
 
 def student_tensors(student: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
