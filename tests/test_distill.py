@@ -248,3 +248,25 @@ def test_two_processes_through_accelerate_launch_match_one(tmp_path):
             assert (a[name] != b[name]).float().mean() < 1e-3, name
         else:  # scales, biases, kept tensors: equal up to a few 16-bit ulps (summation order across processes)
             torch.testing.assert_close(a[name].float(), b[name].float(), rtol=2e-3, atol=1e-4)
+
+
+def test_data_loss_adds_flow_matching_on_the_shipped_real_digits(tmp_path):
+    from bonsai_quant.digits import TextEncoder, latent_to_image
+    from bonsai_quant.distill.inputs import DigitsData
+
+    data = DigitsData(TextEncoder.load())
+    assert data.latents.shape == (1797, 16, 4) and data.text.shape[0] == 1797
+    images = latent_to_image(data.latents) * 16
+    assert torch.equal(images, images.round()) and images.max() == 16  # the 17 grey levels, exactly
+    batch, velocity = data.batch(0, 3, 8, process_slice(8, 0, 1))
+    x0 = batch["hidden_states"] - batch["timestep"][:, None, None] * (velocity + 0)  # x = x0 + sigma (e - x0)
+    assert any(torch.allclose(x0[0], data.latents[i], atol=1e-5) for i in range(len(data.latents)))
+
+    firsts = {}
+    for weight in ("0", "1.0"):
+        out = tmp_path / f"w{weight}"
+        assert run_cli("distill", "--mode", "ternary", "--out", out, "--steps", "1", "--data-loss", weight, *FAST) == 0
+        record = json.loads((out / "mlx" / "quantization_config.json").read_text())["distill"]
+        assert record["settings"]["data_loss"] == float(weight)
+        firsts[weight] = record["loss"]["first"]
+    assert firsts["1.0"] > firsts["0"] + 0.1  # the same teacher batch plus the data term (~velocity variance)

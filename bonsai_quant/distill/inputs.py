@@ -61,20 +61,18 @@ class TrajectoryInputs:
 
 
 class DigitsData:
-    """Real 8x8 digits (scikit-learn's set) for the optional flow-matching data loss of the digits model: for
-    x0 a real digit, noise e and sigma ~ U(0, 1), the input x = (1 - sigma) x0 + sigma e has velocity e - x0."""
+    """Real 8x8 digits (the shipped copy of scikit-learn's set, assets/digits-data) for the optional flow-matching
+    data loss of the digits model: for x0 a real digit, noise e and sigma ~ U(0, 1), the input
+    x = (1 - sigma) x0 + sigma e has velocity e - x0."""
 
     def __init__(self, encoder):
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as e:
-            raise BonsaiError(f"data_loss needs scikit-learn's digits ({e}); valid: pip install scikit-learn, "
-                              "or data_loss: 0") from None
-        from ..digits import image_to_latent, prompt
+        from safetensors.torch import load_file
 
-        d = load_digits()
-        self.latents = image_to_latent(torch.from_numpy(d.images).float() / 16)
-        self.text = encoder.encode([prompt(int(t)) for t in d.target])
+        from ..digits import assets_dir, image_to_latent, prompt
+
+        data = load_file(str(assets_dir() / "digits-data" / "digits.safetensors"))
+        self.latents = image_to_latent(data["images"].float() / 16)
+        self.text = encoder.encode([prompt(int(t)) for t in data["labels"]])
 
     def batch(self, seed: int, step: int, batch_size: int, part: slice) -> tuple[dict, torch.Tensor]:
         from ..digits import img_ids, txt_ids
