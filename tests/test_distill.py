@@ -158,6 +158,14 @@ def test_distilled_packs_pass_verify_also_against_the_saved_checkpoint(distilled
     assert "verify: PASS" in capsys.readouterr().out
 
 
+def test_release_from_the_saved_checkpoint_and_grid_recipe_gives_the_same_packs(distilled, tmp_path):
+    assert run_cli("release", "--model", distilled / "checkpoint", "--recipe", distilled / "recipe.yaml",
+                   "--out", tmp_path / "rel", "--quiet") == 0
+    for target in ("mlx", "gemlite"):
+        assert (tmp_path / "rel" / target / "model.safetensors").read_bytes() == \
+            (distilled / target / "model.safetensors").read_bytes()
+
+
 def test_distilled_pack_scores_what_the_student_scored(distilled):
     from bonsai_quant.evaluate import evaluate, load_for_eval
     from bonsai_quant.digits import TextEncoder

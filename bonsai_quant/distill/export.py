@@ -54,10 +54,14 @@ def student_tensors(student: torch.nn.Module, plan: Plan) -> dict[str, torch.Ten
 
 def export(student: torch.nn.Module, source_path: Path, source_plan: Plan, folder: Path, record: dict,
            save_checkpoint: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False) -> dict:
-    """Write the packs (one folder per target), report.json and, if asked, checkpoint/ into `folder`."""
+    """Write the packs (one folder per target), report.json, recipe.yaml (the grid recipe: with checkpoint/ it
+    re-makes the packs, e.g. `bonsai-quant release --model checkpoint --recipe recipe.yaml`) and, if asked,
+    checkpoint/ into `folder`."""
     tensors = student_tensors(student, source_plan)
     source = MemoryCheckpoint(Path(source_path), tensors)
-    plan = make_plan(source, grid_recipe(source_plan.recipe), source_plan.targets)
+    recipe = grid_recipe(source_plan.recipe)
+    plan = make_plan(source, recipe, source_plan.targets)
+    (folder / "recipe.yaml").write_text(recipe.text)
     report = convert_into(folder, source, plan, max_shard_bytes, verbose, extra_config={"distill": record})
     if save_checkpoint:
         write_checkpoint(folder / "checkpoint", Path(source_path) / "config.json", tensors, max_shard_bytes)
