@@ -246,3 +246,50 @@ def test_convert_refuses_a_set_made_for_another_model(tmp_path, tiny_ckpt, capsy
     err = capsys.readouterr().err
     assert "flux2-tiny-digits: calibration set does not fit" in err and "in_channels is 64, the set has 4" in err
     assert not (tmp_path / "o").exists()
+
+
+def _tiny_qwen3(folder: Path, hidden: int) -> Path:
+    """A klein-shaped text encoder folder (text_encoder/ + tokenizer/): a random 28-layer Qwen3, so layers 9, 18
+    and 27 exist as in klein's, and a word-level tokenizer with a chat template."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<unk>", "a", "red", "fox", "lighthouse", "at", "dusk"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(folder / "tokenizer")
+    config = transformers.Qwen3Config(vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=hidden // 2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def test_calibrate_with_a_qwen3_text_encoder_stores_the_klein_pipeline_embeddings(tmp_path, tiny_config):
+    """The real-encoder path: text conditioning is exactly what diffusers' Flux2KleinPipeline computes (Qwen3
+    hidden states of layers 9, 18, 27 stacked per token), through transformers."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from bonsai_quant.synthetic import write_checkpoint
+
+    encoder_dir = _tiny_qwen3(tmp_path / "qwen3", hidden=32)
+    model = write_checkpoint({**tiny_config, "joint_attention_dim": 96}, tmp_path / "flux", seed=0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na lighthouse at dusk\n")
+    assert main(["calibrate", "--model", str(model), "--out", str(tmp_path / "set"), "--prompts", str(prompts),
+                 "--text-encoder", str(encoder_dir), "--image-size", "64", "--max-text-tokens", "6",
+                 "--steps", "2"]) == 0
+    calib = load_calibration(tmp_path / "set")
+    assert calib.meta["text_encoder"] == f"Qwen3 ({encoder_dir})"
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir / "tokenizer"))
+    encoder = Qwen3ForCausalLM.from_pretrained(str(encoder_dir / "text_encoder"), dtype=torch.bfloat16)
+    for i, p in enumerate(["a red fox", "a lighthouse at dusk"]):
+        want = Flux2KleinPipeline._get_qwen3_prompt_embeds(encoder, tokenizer, [p], dtype=torch.float32,
+                                                           device="cpu", max_sequence_length=6)[0]
+        got = calib.dataset[i]["encoder_hidden_states"]
+        assert got.shape == (6, 96) and calib.dataset[i]["prompt"] == p
+        assert torch.equal(got, want.to(got.dtype))
