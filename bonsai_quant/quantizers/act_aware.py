@@ -40,8 +40,8 @@ def quantize_groups(groups: torch.Tensor, weights: torch.Tensor, mode: str) -> t
         raise ValueError(f"act-aware: unknown mode {mode!r}; valid: binary, ternary")
     dead = weights.sum(dim=-1) <= 0
     if dead.any():
-        c, s = fallback(groups[dead], default)
-        codes[dead], scale[dead] = c, s
+        c, s = fallback(groups[dead].cpu(), default)
+        codes[dead], scale[dead] = c.to(codes.device), s.to(scale.device)
     return codes, scale
 
 
@@ -54,8 +54,12 @@ def _binary(groups: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _ternary(groups: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mag = groups.abs()
-    # A stable argsort fixes the order among equal |w| so the chosen support is deterministic.
-    order = torch.from_numpy(np.argsort(np.negative(mag.numpy()), axis=-1, kind="stable"))
+    # A stable argsort fixes the order among equal |w| so the chosen support is deterministic. numpy's is the
+    # fastest on a CPU; on a GPU (gptq there) sorting in place beats a round trip through host memory.
+    if mag.device.type == "cpu":
+        order = torch.from_numpy(np.argsort(np.negative(mag.numpy()), axis=-1, kind="stable"))
+    else:
+        order = torch.sort(mag, dim=-1, descending=True, stable=True).indices
     mag_sorted = mag.gather(-1, order).double()
     d_sorted = d.gather(-1, order)
     a = (d_sorted * mag_sorted).cumsum(dim=-1)
@@ -65,7 +69,7 @@ def _ternary(groups: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch
     # channel never enters the support for nothing).
     best = gain.argmax(dim=-1, keepdim=True)
     scale = (a.gather(-1, best) / w.gather(-1, best).clamp(min=torch.finfo(torch.float64).tiny)).squeeze(-1)
-    in_prefix = torch.arange(groups.shape[-1]).expand_as(order) <= best
+    in_prefix = torch.arange(groups.shape[-1], device=groups.device).expand_as(order) <= best
     support = torch.zeros_like(in_prefix).scatter_(-1, order, in_prefix)
     support &= mag > 0  # a zero weight gains nothing from a nonzero code
     codes = torch.sign(groups).to(torch.int8) * support

@@ -81,8 +81,8 @@ def quantize_rows(weight: torch.Tensor, hinv_upper: torch.Tensor, dead: torch.Te
             col = b0 + i
             if col % group_size == 0:
                 g = col // group_size
-                group = block[:, i:i + group_size].cpu()  # the act-aware solver sorts with numpy
-                _, s = act_aware.quantize_groups(group, diag[col:col + group_size].cpu().expand_as(group), mode)
+                group = block[:, i:i + group_size]
+                _, s = act_aware.quantize_groups(group, diag[col:col + group_size].expand_as(group), mode)
                 scales[:, g] = s.to(scale_dtype).to(torch.float32).to(w.device)
             s = scales[:, col // group_size]
             c = _round(block[:, i], s, mode)
