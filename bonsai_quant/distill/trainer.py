@@ -375,4 +375,8 @@ def _part(batch_size: int, acc) -> slice:
 
 
 def distill(opts: DistillOptions) -> dict:
-    return Trainer(opts).train()
+    trainer = Trainer(opts)
+    try:
+        return trainer.train()
+    finally:
+        trainer.acc.end_training()  # tears down the process group of a multi-process run
