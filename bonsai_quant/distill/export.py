@@ -10,17 +10,16 @@ from it.
 
 from __future__ import annotations
 
-import yaml
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..checkpoint import WEIGHTS_NAME, Entry, MemoryCheckpoint, ShardedWriter
 from ..convert import DEFAULT_SHARD_BYTES, convert_into
 from ..plan import Plan, make_plan
-from ..quantizers import dequantize
 from ..recipe import Recipe, parse_recipe
-from .student import quantized_modules
+from .student import quantized_weight
 
 
 def grid_recipe(recipe: Recipe) -> Recipe:
@@ -37,27 +36,28 @@ def grid_recipe(recipe: Recipe) -> Recipe:
     return parse_recipe(text, f"{recipe.name} (distilled)")
 
 
-def student_tensors(student: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, from the student: quantized ones on their grid (float32), kept ones in
-    the dtype the plan keeps them in."""
-    layers = quantized_modules(student)
-    params = dict(student.named_parameters())
+def student_tensors(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, from the student's full state dict (latent weights and `.scales` of each
+    quantized linear, the rest as trained): quantized ones on their grid (float32), kept ones in the dtype the
+    plan keeps them in. A state dict rather than the module, so an FSDP-sharded student exports the same way."""
     out = {}
     for d in plan.decisions:
         if d.action == "quantize":
-            codes, scales = layers[d.module].quantized()
-            out[d.name] = dequantize(codes.cpu(), scales.cpu(), plan.recipe.group_size)
+            w, _, _ = quantized_weight(state[d.name].detach().cpu().float(),
+                                       state[f"{d.module}.scales"].detach().cpu().float(), d.mode,
+                                       plan.recipe.group_size, plan.scale_dtype)
+            out[d.name] = w
         else:
-            out[d.name] = params[d.name].detach().cpu().to(d.kept_dtype)
+            out[d.name] = state[d.name].detach().cpu().to(d.kept_dtype)
     return out
 
 
-def export(student: torch.nn.Module, source_path: Path, source_plan: Plan, folder: Path, record: dict,
+def export(state: dict[str, torch.Tensor], source_path: Path, source_plan: Plan, folder: Path, record: dict,
            save_checkpoint: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False) -> dict:
     """Write the packs (one folder per target), report.json, recipe.yaml (the grid recipe: with checkpoint/ it
     re-makes the packs, e.g. `bonsai-quant release --model checkpoint --recipe recipe.yaml`) and, if asked,
     checkpoint/ into `folder`."""
-    tensors = student_tensors(student, source_plan)
+    tensors = student_tensors(state, source_plan)
     source = MemoryCheckpoint(Path(source_path), tensors)
     recipe = grid_recipe(source_plan.recipe)
     plan = make_plan(source, recipe, source_plan.targets)

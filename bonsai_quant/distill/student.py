@@ -116,10 +116,6 @@ class FakeQuantLinear(torch.nn.Module):
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, group_size={self.group_size}"
 
 
-def quantized_modules(model: torch.nn.Module) -> dict[str, FakeQuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
-
-
 def install(model: torch.nn.Module, module_name: str, layer: torch.nn.Module) -> None:
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

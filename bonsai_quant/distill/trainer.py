@@ -275,7 +275,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """The digits quality benchmark on the student (its forward is exactly the pack's), main process only."""
         result = {}
-        if self.main:
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP:
+            self.log("quality evaluation skipped: the student is sharded (FSDP); evaluate the packs afterwards")
+        elif self.main:
             from ..evaluate import LoadedModel, evaluate
 
             model = self.acc.unwrap_model(self.student)
@@ -354,10 +358,10 @@ class Trainer:
             **({"quality": evals[-1]} if evals else {}),
         }
         report = {}
+        state = self.acc.get_state_dict(self.student)  # every process takes part: FSDP gathers the shards here
         if self.main:
-            model = self.acc.unwrap_model(self.student)
             with atomic_output(opts.out, force=opts.force) as tmp:
-                report = export(model, opts.model, self.plan, tmp, record, opts.save_checkpoint)
+                report = export(state, opts.model, self.plan, tmp, record, opts.save_checkpoint)
                 log = {"record": record, "history": history, "resumed_at_step": start or None,
                        "seconds_this_run": round(seconds, 3), "device": str(self.acc.device)}
                 (tmp / "distill.json").write_text(json.dumps(log, indent=1) + "\n")
