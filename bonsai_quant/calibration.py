@@ -86,7 +86,7 @@ class CalibrationSet:
         bad = [f"{k} is {config.get(k)}, the set has {v}" for k, v in want.items() if config.get(k) != v]
         if bad:
             raise CalibrationError(f"{self.path}: calibration set does not fit {source}: " + "; ".join(bad) +
-                                   f"; valid: a set made by `bonsai-quant calibrate` for this model")
+                                   "; valid: a set made by `bonsai-quant calibrate` for this model")
 
     def batches(self, batch_size: int = 64, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, max_calls: int | None = None) -> Iterator[dict]:

@@ -49,8 +49,6 @@ class LoadedModel:
 
 def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
     """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor."""
-    import torch
-
     from .checkpoint import Checkpoint
     from .digits import check_compatible
     from .flux2 import build_model

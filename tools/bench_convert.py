@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 PUBLISHED_GB = {("binary", "mlx"): 0.97, ("binary", "gemlite"): 1.08,
