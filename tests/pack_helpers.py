@@ -20,3 +20,12 @@ def make_scales(out: int, groups: int, dtype: torch.dtype, seed: int, negative_z
     if negative_zero:
         s[torch.rand(out, groups, generator=g) < 0.05] = -0.0  # the sign of zero must survive too
     return s.to(dtype)
+
+
+def full_codes(out: int, inn: int, value: int = 1) -> torch.Tensor:
+    """Every code the same: the base for planting one bad code in an error test."""
+    return torch.full((out, inn), value, dtype=torch.int8)
+
+
+def full_scales(out: int, groups: int, dtype: torch.dtype = torch.float16, value: float = 0.5) -> torch.Tensor:
+    return torch.full((out, groups), value, dtype=dtype)

@@ -13,9 +13,9 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bonsai as P
 
 try:  # tests/ is on sys.path under pytest's default rootdir-relative imports
-    from pack_helpers import make_codes, make_scales
+    from pack_helpers import full_codes, full_scales, make_codes, make_scales
 except ImportError:  # tests/ made a package
-    from tests.pack_helpers import make_codes, make_scales
+    from tests.pack_helpers import full_codes, full_scales, make_codes, make_scales
 
 
 make_scales_nz = functools.partial(make_scales, negative_zero=True)  # this layout must keep -0.0 too
@@ -143,11 +143,11 @@ def test_bits_per_weight_at_3072():
 
 
 def _codes(out=2, inn=128, value=1):
-    return torch.full((out, inn), value, dtype=torch.int8)
+    return full_codes(out, inn, value)
 
 
 def _scales(out=2, groups=1, dtype=torch.float16, value=0.5):
-    return torch.full((out, groups), value, dtype=dtype)
+    return full_scales(out, groups, dtype, value)
 
 
 @pytest.mark.parametrize("mode, bad", [("binary", 0), ("binary", 2), ("ternary", 2), ("ternary", -128)])

@@ -13,9 +13,9 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import gemlite as P
 
 try:  # tests/ is on sys.path under pytest's default rootdir-relative imports
-    from pack_helpers import make_codes, make_scales
+    from pack_helpers import full_codes, full_scales, make_codes, make_scales
 except ImportError:  # tests/ made a package
-    from tests.pack_helpers import make_codes, make_scales
+    from tests.pack_helpers import full_codes, full_scales, make_codes, make_scales
 
 try:  # tests/ is on sys.path under pytest's default rootdir-relative imports
     import gemlite_oracle
@@ -168,11 +168,11 @@ def test_golden_ternary_bytes():
 
 
 def _codes(out=2, inn=256, value=1):
-    return torch.full((out, inn), value, dtype=torch.int8)
+    return full_codes(out, inn, value)
 
 
 def _scales(out=2, groups=2, dtype=torch.float16, value=0.5):
-    return torch.full((out, groups), value, dtype=dtype)
+    return full_scales(out, groups, dtype, value)
 
 
 @pytest.mark.parametrize("mode, bad", [("binary", 0), ("ternary", 5)])
