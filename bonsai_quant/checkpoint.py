@@ -166,6 +166,18 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def write_weights(folder: Path, entries: list[Entry], tensor_for, max_shard_bytes: int) -> list[str]:
+    """Write `tensor_for(name)` for each entry as the diffusers weight file(s) of `folder`; returns the files."""
+    writer = ShardedWriter(folder, entries, WEIGHTS_NAME.removesuffix(".safetensors"), max_shard_bytes)
+    try:
+        for e in entries:
+            writer.write(e.name, tensor_for(e.name))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
 class MemoryCheckpoint(Checkpoint):
     """Tensors held in memory, described like a checkpoint on disk (the config is read from `path`): what
     `distill` hands to the convert path, so a trained model is packed by the same code as a file."""

@@ -132,9 +132,9 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
 def _calibration_stats(checkpoint: Checkpoint, plan: Plan, calib, device: str, echo):
     """(a BlockStats provider, the pack's record of the calibration set), or (None, None) when every solver
     of the plan is data-free."""
-    from .quantizers import CALIBRATED_SOLVERS
+    from .quantizers import statistics_needed
 
-    wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in plan.quantized if d.solver in CALIBRATED_SOLVERS}
+    wanted = statistics_needed(plan.quantized)
     if not wanted:
         return None, None
     from .calibration import default_model_dtype, load_model, resolve_calibration

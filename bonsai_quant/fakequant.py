@@ -16,7 +16,7 @@ import torch
 
 from .flux2 import inventory
 from .plan import SCALE_DTYPES, decide_all
-from .quantizers import CALIBRATED_SOLVERS, dequantize, quantize
+from .quantizers import dequantize, quantize, statistics_needed
 from .recipe import Recipe
 
 
@@ -31,8 +31,7 @@ def fake_quantize_model(model: torch.nn.Module, recipe: Recipe, calib=None) -> d
     recipe.check_matches(specs)
     decisions = decide_all(specs, {n: params[n].dtype for n in specs}, recipe)
     stats = {}
-    wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in decisions
-              if d.action == "quantize" and d.solver in CALIBRATED_SOLVERS}
+    wanted = statistics_needed(decisions)
     if wanted:
         from .calibration import resolve_calibration
         from .stats import collect_stats

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS_NAME, Entry, ShardedWriter
+from .checkpoint import Entry, write_weights
 from .flux2 import TensorSpec, inventory
 from .output import atomic_output
 
@@ -45,14 +45,13 @@ def write_checkpoint(config: dict, out: Path, seed: int = 0, dtype: torch.dtype 
     entries = [Entry(s.name, dtype, s.shape) for s in specs]
     with atomic_output(Path(out), force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        writer = ShardedWriter(tmp, entries, WEIGHTS_NAME.removesuffix(".safetensors"), max_shard_bytes)
-        try:
-            for spec in specs:
-                writer.write(spec.name, random_tensor(spec, seed).to(dtype))
-                if progress is not None:
-                    progress(spec)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+        by_name = {s.name: s for s in specs}
+
+        def tensor_for(name: str) -> torch.Tensor:
+            t = random_tensor(by_name[name], seed).to(dtype)
+            if progress is not None:
+                progress(by_name[name])
+            return t
+
+        write_weights(tmp, entries, tensor_for, max_shard_bytes)
     return Path(out)

@@ -212,10 +212,9 @@ class PackVerifier:
 
     def _calibration_stats(self, ckpt: Checkpoint, decisions):
         """Statistics for re-running calibrated solvers, from the same set the pack records (or None)."""
-        from .quantizers import CALIBRATED_SOLVERS
+        from .quantizers import statistics_needed
 
-        wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in decisions
-                  if d.action == "quantize" and d.solver in CALIBRATED_SOLVERS}
+        wanted = statistics_needed(decisions)
         if not wanted:
             return None
         record = self.qconfig.get("calibration") or {}

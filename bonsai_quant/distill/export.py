@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import WEIGHTS_NAME, Entry, MemoryCheckpoint, ShardedWriter
+from ..checkpoint import Entry, MemoryCheckpoint, write_weights
 from ..convert import DEFAULT_SHARD_BYTES, convert_into
 from ..plan import Plan, make_plan
 from ..recipe import Recipe, parse_recipe
@@ -71,15 +71,8 @@ def export(state: dict[str, torch.Tensor], source_path: Path, source_plan: Plan,
 def write_checkpoint(folder: Path, config: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     folder.mkdir()
     (folder / "config.json").write_bytes(Path(config).read_bytes())
-    entries = [Entry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    writer = ShardedWriter(folder, entries, WEIGHTS_NAME.removesuffix(".safetensors"), max_shard_bytes)
-    try:
-        for name, t in tensors.items():
-            writer.write(name, t)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    write_weights(folder, [Entry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], tensors.__getitem__,
+                  max_shard_bytes)
     (folder / "README.md").write_text(
         "# distilled weights on their grid\n\nThe student's weights as a diffusers checkpoint: quantized tensors "
         "as codes x scale in float32, kept tensors in their pack dtype. `bonsai-quant verify PACK --source "

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..errors import BonsaiError, OutputExistsError
 from ..recipe import Recipe
+from .inputs import process_slice
 from .settings import DistillSettings
 
 STATE_PREFIX = "step-"
@@ -89,7 +90,7 @@ class Trainer:
         # accelerate runs several CPU processes (gloo) only when told cpu=True: without a GPU there is no choice.
         self.acc = Accelerator(mixed_precision=opts.mixed_precision, cpu=opts.cpu or not torch.cuda.is_available())
         self.main = self.acc.is_main_process
-        self.part = _part(self.settings.batch_size, self.acc)
+        self.part = process_slice(self.settings.batch_size, self.acc.process_index, self.acc.num_processes)
 
     def log(self, msg: str) -> None:
         if self.main and self.opts.verbose:
@@ -168,12 +169,12 @@ class Trainer:
     def make_student(self, student: torch.nn.Module, initialise: bool) -> dict[str, int]:
         """Swap each quantized linear for a FakeQuantLinear holding the recipe solver's codes and scales (or
         placeholders, when a checkpoint will overwrite them); returns {solver: tensors}."""
-        from ..quantizers import CALIBRATED_SOLVERS, quantize
+        from ..quantizers import quantize, statistics_needed
         from .student import FakeQuantLinear, install
 
         recipe, plan = self.opts.recipe, self.plan
         stats = None
-        wanted = {d.name: CALIBRATED_SOLVERS[d.solver] for d in plan.quantized if d.solver in CALIBRATED_SOLVERS}
+        wanted = statistics_needed(plan.quantized)
         if initialise and wanted:
             from ..stats import BlockStats
 
@@ -348,7 +349,7 @@ class Trainer:
             "recipe_yaml": opts.recipe.text,
             "init_solvers": self.init_solvers,
             "settings": self.settings.to_dict(),
-            "calibration": {"set": self.calib.path.name, "fingerprint": self.calib.fingerprint(),
+            "calibration": {"set": self.calib.path.name, "fingerprint": self.fingerprint["calibration"],
                             "trajectories": self.calib.trajectories, "steps": self.calib.steps},
             "processes": self.acc.num_processes,
             "mixed_precision": self.acc.mixed_precision,
@@ -370,12 +371,6 @@ class Trainer:
                 shutil.rmtree(opts.state, ignore_errors=True)
         self.acc.wait_for_everyone()
         return report
-
-
-def _part(batch_size: int, acc) -> slice:
-    from .inputs import process_slice
-
-    return process_slice(batch_size, acc.process_index, acc.num_processes)
 
 
 def distill(opts: DistillOptions) -> dict:

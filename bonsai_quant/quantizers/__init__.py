@@ -25,6 +25,12 @@ _MODULES = {"binary": binary, "ternary": ternary}
 ROWS_PER_CHUNK = 1024  # bounds temporaries (sort indices are int64) to ~100 MB for klein's widest layers
 
 
+def statistics_needed(decisions) -> dict[str, str]:
+    """{tensor name: "diag" | "hessian"} for each quantize decision whose solver needs calibration statistics."""
+    return {d.name: CALIBRATED_SOLVERS[d.solver] for d in decisions
+            if d.action == "quantize" and d.solver in CALIBRATED_SOLVERS}
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     codes: torch.Tensor   # int8 [out, in]
