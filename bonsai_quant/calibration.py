@@ -316,15 +316,13 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     and, without a prompt file, its ten prompts; any other model needs `--prompts` and a text encoder."""
     from .checkpoint import Checkpoint
     from .digits import GRID, MAX_TOKENS, model_dir, prompt
-    from .output import atomic_output
-
-    from .errors import OutputExistsError
+    from .output import atomic_output, check_output
 
     if steps < 1:
         raise BonsaiError(f"steps must be at least 1, got {steps}")
-    if Path(out).exists() and not force:  # before minutes of sampling, not after
-        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
     model_path = Path(model_path) if model_path is not None else model_dir()
+    sources = (model_path, text_encoder, prompts_path)
+    check_output(Path(out), force, sources)  # before minutes of sampling, not after
     config = Checkpoint(model_path).config
     digits = digits_text_encoder(model_path, config) if text_encoder is None else None
     if digits is not None:
@@ -391,7 +389,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
             "seed": seed, "sampler": "FlowMatch-Euler (sigmas linspace(1, 1/S, S) shifted), full-precision model",
             "model_dtype": str(dtype).removeprefix("torch."), "store_dtype": store_dtype,
             "trajectories": len(jobs), "transformer_calls": len(jobs) * steps}
-    with atomic_output(Path(out), force=force) as tmp:
+    with atomic_output(Path(out), force=force, sources=sources) as tmp:
         _write(tmp, rows, len(img), txt_len, config["joint_attention_dim"], channels, steps, store_dtype)
         meta["seconds"] = round(time.perf_counter() - start, 2)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")

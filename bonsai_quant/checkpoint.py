@@ -205,49 +205,83 @@ class Entry:
         return nbytes(self.dtype, self.shape)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One file of a ShardedWriter layout: its name, its exact header bytes, and where each tensor starts."""
+    file: str
+    header: bytes             # the 8-byte length + JSON header (space-padded to 8 bytes)
+    entries: tuple[Entry, ...]
+    offsets: tuple[int, ...]  # absolute file offset of each entry's data
+    data_bytes: int
+
+
+def shard_layout(entries: list[Entry], stem: str, max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None) -> list[Shard]:
+    """The files a ShardedWriter writes, byte for byte up to the tensor data: a pure function of its inputs, so
+    that `verify` can rebuild every header of a pack and compare."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    n = len(shards)
+    files = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    layout = []
+    for file, shard in zip(files, shards):
+        shard = sorted(shard, key=lambda e: -e.dtype.itemsize)
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = metadata
+        for e in shard:
+            header[e.name] = {"dtype": DTYPE_CODES[e.dtype], "shape": list(e.shape),
+                              "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        head = struct.pack("<Q", len(blob)) + blob
+        starts, base = [], len(head)
+        for e in shard:
+            starts.append(base)
+            base += e.nbytes
+        layout.append(Shard(file, head, tuple(shard), tuple(starts), offset))
+    return layout
+
+
+def index_text(layout: list[Shard]) -> str | None:
+    """The `<stem>.safetensors.index.json` of a sharded layout (None for a single file)."""
+    if len(layout) == 1:
+        return None
+    index = {"metadata": {"total_size": sum(s.data_bytes for s in layout)},
+             "weight_map": {e.name: s.file for s in layout for e in s.entries}}
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+
 class ShardedWriter:
     """Writes declared tensors into `<stem>.safetensors` or `<stem>-0000i-of-0000n.safetensors` + index.
 
-    The layout is fixed up front (shard assignment in declaration order, then within a shard the widest
-    dtypes first so every tensor starts aligned to its element size), so tensors may be written in any
-    order and identical inputs give identical bytes.
+    The layout is fixed up front (`shard_layout`: shard assignment in declaration order, then within a shard
+    the widest dtypes first so every tensor starts aligned to its element size), so tensors may be written in
+    any order and identical inputs give identical bytes.
     """
 
     def __init__(self, directory: Path, entries: list[Entry], stem: str, max_shard_bytes: int,
                  metadata: dict[str, str] | None = None):
         self.directory, self.stem = Path(directory), stem
-        shards: list[list[Entry]] = [[]]
-        size = 0
-        for e in entries:
-            if shards[-1] and size + e.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(e)
-            size += e.nbytes
-        n = len(shards)
-        self.files = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.layout = shard_layout(entries, stem, max_shard_bytes, metadata)
+        self.files = [s.file for s in self.layout]
         self._where: dict[str, tuple[int, int, Entry]] = {}  # name -> (shard index, offset, entry)
         self._fds: list[int] = []
         self._pending: set[str] = set()
-        for i, (file, shard) in enumerate(zip(self.files, shards)):
-            shard = sorted(shard, key=lambda e: -e.dtype.itemsize)
-            header, offset = {}, 0
-            if metadata:
-                header["__metadata__"] = metadata
-            for e in shard:
-                header[e.name] = {"dtype": DTYPE_CODES[e.dtype], "shape": list(e.shape),
-                                  "data_offsets": [offset, offset + e.nbytes]}
-                offset += e.nbytes
-            blob = json.dumps(header, separators=(",", ":")).encode()
-            blob += b" " * (-len(blob) % 8)
-            fd = os.open(self.directory / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.write(fd, struct.pack("<Q", len(blob)) + blob)
-            os.ftruncate(fd, 8 + len(blob) + offset)
+        for i, shard in enumerate(self.layout):
+            fd = os.open(self.directory / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, shard.header)
+            os.ftruncate(fd, len(shard.header) + shard.data_bytes)
             self._fds.append(fd)
-            base = 8 + len(blob)
-            for e in shard:
-                self._where[e.name] = (i, base, e)
-                base += e.nbytes
+            for e, start in zip(shard.entries, shard.offsets):
+                self._where[e.name] = (i, start, e)
                 self._pending.add(e.name)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -270,11 +304,10 @@ class ShardedWriter:
         if self._pending:
             raise CheckpointError(f"internal: tensors declared but never written: {sorted(self._pending)[:5]}")
         files = list(self.files)
-        if len(files) > 1:
-            index = {"metadata": {"total_size": sum(e.nbytes for _, _, e in self._where.values())},
-                     "weight_map": {name: self.files[i] for name, (i, _, _) in sorted(self._where.items())}}
+        index = index_text(self.layout)
+        if index is not None:
             index_name = f"{self.stem}.safetensors.index.json"
-            (self.directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (self.directory / index_name).write_text(index)
             files.append(index_name)
         return files
 

@@ -11,6 +11,7 @@ are streamed (`stats.BlockStats`: at most one block's H at once: 2.1 GB in float
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import BonsaiError
-from .output import atomic_output
+from .figures import figure, mean
+from .output import atomic_output, check_free_space
 from .packset import PackSet, Slot
 from .plan import BITS, Decision, Plan, make_plan, summarize_bytes
-from .quantizers import quantize
+from .quantizers import check_finite, quantize
 from .recipe import Recipe
 
 FORMAT_VERSION = 1
@@ -60,7 +62,13 @@ def quantization_config(plan: Plan, shard_bytes: int) -> dict:
         "skipped_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
         "recipe": recipe.to_dict(),
         "recipe_yaml": recipe.text,
+        "recipe_sha256": hashlib.sha256(recipe.text.encode()).hexdigest(),
     }
+
+
+def planned_bytes(plan: Plan) -> int:
+    """Bytes of tensor data the plan's packs will hold (headers and JSON files are a rounding error)."""
+    return sum(summarize_bytes(plan, t)["tensor_bytes"] for t in plan.targets)
 
 
 def cast_kept(tensor: torch.Tensor, decision: Decision) -> tuple[torch.Tensor, str | None]:
@@ -88,7 +96,8 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
     start = time.perf_counter()
     checkpoint = Checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
-    with atomic_output(Path(out), force=force) as tmp:
+    check_free_space(Path(out).parent, planned_bytes(plan), f"converting to {', '.join(plan.targets)}")
+    with atomic_output(Path(out), force=force, sources=(model, calib or plan.recipe.calibration_path())) as tmp:
         report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose, calib, calib_device)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
@@ -145,12 +154,16 @@ def _calibration_stats(checkpoint: Checkpoint, plan: Plan, calib, device: str, e
     echo(f"calibration: {calib.path} ({calib.trajectories} trajectories, {calib.calls} transformer calls); "
          f"loading the full-precision model ({str(dtype).removeprefix('torch.')} on {device})")
     model = load_model(checkpoint.path, dtype=dtype, device=device)
-    # The set's folder name and content hash, not its path: the same inputs give the same pack bytes anywhere.
+    return BlockStats(model, calib, wanted, log=echo), calibration_record(calib, wanted, dtype)
+
+
+def calibration_record(calib, wanted: dict, dtype: torch.dtype) -> dict:
+    """What a calibrated pack records of its set: its folder name and content hash, not its path, so the same
+    inputs give the same pack bytes anywhere."""
     needs = list(wanted.values())
-    record = {"set": calib.path.name, "fingerprint": calib.fingerprint(), "trajectories": calib.trajectories,
-              "transformer_calls": calib.calls, "model_dtype": str(dtype).removeprefix("torch."),
-              "tensors": {need: needs.count(need) for need in sorted(set(needs))}}
-    return BlockStats(model, calib, wanted, log=echo), record
+    return {"set": calib.path.name, "fingerprint": calib.fingerprint(), "trajectories": calib.trajectories,
+            "transformer_calls": calib.calls, "model_dtype": str(dtype).removeprefix("torch."),
+            "tensors": {need: needs.count(need) for need in sorted(set(needs))}}
 
 
 def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, packs: PackSet,
@@ -159,6 +172,8 @@ def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, pa
     record = {"name": d.name, "action": d.action, "rule": d.rule_label, "role": d.spec.role,
               "shape": list(d.spec.shape), "source_dtype": str(d.source_dtype).removeprefix("torch.")}
     if d.action == "keep":
+        if tensor.is_floating_point():
+            check_finite(tensor, d.name)
         kept, warning = cast_kept(tensor, d)
         packs.kept(slot, kept)
         record["dtype"] = str(kept.dtype).removeprefix("torch.")
@@ -166,7 +181,7 @@ def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, pa
     q = quantize(tensor, d.mode, plan.recipe.group_size, plan.scale_dtype, d.solver, name=d.name,
                  stats=stats.get(d.name) if stats is not None else None)
     packs.quantized(slot, q.codes, q.scales)
-    record.update(mode=d.mode, solver=d.solver, rel_error=q.rel_error)
+    record.update(mode=d.mode, solver=d.solver, rel_error=figure(q.rel_error))
     return record, None
 
 
@@ -198,8 +213,8 @@ def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: l
         "tensors_quantized": len(quantized),
         "tensors_kept": len(records) - len(quantized),
         "quantized_weights": weights,
-        "mean_rel_error": sum(r["rel_error"] for r in quantized) / len(quantized) if quantized else 0.0,
-        "weighted_rel_error": (sum(r["rel_error"] * numel[r["name"]] for r in quantized) / weights) if weights else 0.0,
+        "mean_rel_error": figure(mean([r["rel_error"] for r in quantized])),
+        "weighted_rel_error": figure(mean([r["rel_error"] for r in quantized], [numel[r["name"]] for r in quantized])),
         "targets": targets,
         "warnings": warnings,
         "tensors": records,

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .checkpoint import Entry, ShardedWriter
+from .checkpoint import Entry, Shard, ShardedWriter, shard_layout
 from .describe import CONFIG_NAME
 from .manifest import write_manifest
 from .plan import packer
@@ -57,23 +56,42 @@ def slots_from_qconfig(qconfig: dict, specs) -> list[Slot]:
     return slots
 
 
+def safetensors_metadata(target: str, qconfig: dict) -> dict[str, str]:
+    """The `__metadata__` of every safetensors file of a pack: loaders read `format`."""
+    recipe = qconfig["recipe"]
+    return {"format": SAFETENSORS_FORMAT[target], "producer": f"bonsai-quant {qconfig['tool']['version']}",
+            "recipe": recipe["name"], "mode": recipe["mode"]}
+
+
+def pack_entries(target: str, qconfig: dict, slots: list[Slot]) -> list[Entry]:
+    scale_dtype = getattr(torch, qconfig["scale_dtype"])
+    return [e for s in slots for e in slot_entries(s, target, qconfig["group_size"], scale_dtype)]
+
+
+def pack_layout(target: str, qconfig: dict, slots: list[Slot]) -> list[Shard]:
+    """The safetensors files a pack of `target` holds, header bytes included (verify rebuilds and compares)."""
+    return shard_layout(pack_entries(target, qconfig, slots), PACK_STEM, qconfig["shard_bytes"],
+                        safetensors_metadata(target, qconfig))
+
+
+def qconfig_text(target: str, qconfig: dict) -> str:
+    """quantization_config.json of one target's pack, as written."""
+    return json.dumps({**qconfig, "format": target}, indent=2) + "\n"
+
+
 class PackSet:
     def __init__(self, folders: dict[str, Path], config_json: Path, qconfig: dict, slots: list[Slot]):
         """folders: target -> pack folder to fill (made if missing)."""
         self.folders = {t: Path(f) for t, f in folders.items()}
-        group, scale_dtype = qconfig["group_size"], getattr(torch, qconfig["scale_dtype"])
-        self.group_size = group
-        recipe = qconfig["recipe"]
-        meta_common = {"producer": f"bonsai-quant {__version__}", "recipe": recipe["name"], "mode": recipe["mode"]}
+        self.group_size = qconfig["group_size"]
         self.writers: dict[str, ShardedWriter] = {}
         try:
             for target, folder in self.folders.items():
                 folder.mkdir(exist_ok=True)
                 shutil.copyfile(config_json, folder / "config.json")
-                (folder / CONFIG_NAME).write_text(json.dumps({**qconfig, "format": target}, indent=2) + "\n")
-                entries = [e for s in slots for e in slot_entries(s, target, group, scale_dtype)]
-                self.writers[target] = ShardedWriter(folder, entries, PACK_STEM, qconfig["shard_bytes"],
-                                                     {"format": SAFETENSORS_FORMAT[target], **meta_common})
+                (folder / CONFIG_NAME).write_text(qconfig_text(target, qconfig))
+                self.writers[target] = ShardedWriter(folder, pack_entries(target, qconfig, slots), PACK_STEM,
+                                                     qconfig["shard_bytes"], safetensors_metadata(target, qconfig))
         except BaseException:
             self.abort()
             raise

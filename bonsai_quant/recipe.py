@@ -304,6 +304,9 @@ class _Parser:
             code = ord(e.character) if isinstance(e.character, str) else e.character
             raise self.fail(line, "(yaml)", f"cannot read the text: {e.reason} (U+{code:04X})",
                             "printable UTF-8 YAML") from None
+        except RecursionError:  # the YAML composer recurses once per nesting level
+            raise self.fail(None, "(yaml)", "nested too deeply to read",
+                            "a recipe as flat as the shipped recipes/binary.yaml") from None
 
     # -- structure --------------------------------------------------------------------------------------------
 
@@ -341,6 +344,9 @@ class _Parser:
             mark = e.problem_mark or node.start_mark
             raise self.fail(mark.line + 1, "(yaml)", f"cannot build a value: {e.problem}",
                             "plain YAML scalars, lists and mappings (no tags)") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of more digits than Python converts
+            raise self.fail(node.start_mark.line + 1, "(yaml)", f"cannot build a value: {str(e)[:120]}",
+                            "plain YAML scalars of ordinary size") from None
 
     def describe(self, node: Node) -> str:
         if isinstance(node, MappingNode):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .convert import DEFAULT_SHARD_BYTES, convert_into
+from .convert import DEFAULT_SHARD_BYTES, convert_into, planned_bytes
 from .manifest import check_manifest, write_manifest
-from .output import atomic_output
+from .output import atomic_output, check_free_space
 from .plan import make_plan, summarize_bytes
 from .recipe import Recipe
 from .verify import verify
@@ -40,10 +40,11 @@ def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] = A
     start = time.perf_counter()
     checkpoint = Checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
-    with atomic_output(Path(out), force=force) as tmp:
+    check_free_space(Path(out).parent, planned_bytes(plan), "the release")
+    with atomic_output(Path(out), force=force, sources=(model,)) as tmp:
         report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose)
         (tmp / "recipe.yaml").write_text(recipe.text)
-        checks = verify(tmp) if run_verify else None
+        checks = verify(tmp, reproducible=True) if run_verify else None
         if checks is not None:
             for pack in checks["packs"]:
                 pack["folder"] = Path(pack["folder"]).name
@@ -61,10 +62,17 @@ def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] = A
     return {"report": report, "verify": checks}
 
 
+# What a release folder holds besides its pack folders (ALL_TARGETS).
+RELEASE_FILES = ("README.md", "recipe.yaml", "report.json", "verify.json", "eval.json", "samples.png", "manifest.json")
+
+
 def check_release(folder: Path) -> dict:
     """Re-verify a downloaded release: its manifest first, then every pack."""
     folder = Path(folder)
-    problems = check_manifest(folder)
+    problems = [f"{p}: not part of a release folder (it holds {', '.join(RELEASE_FILES)} and the pack folders "
+                f"{', '.join(ALL_TARGETS)}/)" for p in sorted(folder.iterdir())
+                if not (p.name in RELEASE_FILES and p.is_file() or p.name in ALL_TARGETS and p.is_dir())]
+    problems += check_manifest(folder)
     if problems:
         return {"ok": False, "manifest": problems, "packs": []}
     result = verify(folder)

@@ -33,7 +33,7 @@ def repack(src: Path, target: str, out: Path, force: bool = False, verbose: bool
     specs = inventory(read_config(folder / "config.json"), str(folder / "config.json"))
     slots = slots_from_qconfig(qconfig, specs)
     reader = PackReader(folder)
-    with atomic_output(Path(out), force=force) as tmp:
+    with atomic_output(Path(out), force=force, sources=(src,)) as tmp:
         packs = PackSet({target: tmp}, folder / "config.json", qconfig, slots)
         try:
             for slot in tqdm(slots, desc=f"repack -> {target}", unit="tensor", file=sys.stderr,

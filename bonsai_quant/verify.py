@@ -14,7 +14,11 @@ Steps, in order, each naming the first thing that fails:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +31,9 @@ from .describe import CONFIG_NAME, pack_folders
 from .errors import BonsaiError
 from .flux2 import inventory, model_kwargs, read_config
 from .manifest import check_manifest
-from .plan import BITS, SCALE_DTYPES, decide_all, packer
+from .figures import figure, fixed_threads
+from .packset import pack_layout, qconfig_text, slots_from_qconfig
+from .plan import BITS, KEPT_DTYPES, SCALE_DTYPES, decide_all, make_plan, packer
 from .quantizers import dequantize, quantize
 from .recipe import parse_recipe
 from .runtime.loader import PackReader
@@ -68,6 +74,29 @@ def _fail(msg: str):
     raise _Fail(msg)
 
 
+def _gate(err: float, bound: float, what: str) -> None:
+    """Fail unless `err` is a finite number within `bound` (NaN compares false with everything)."""
+    if not math.isfinite(err):
+        _fail(f"{what}: error is {err} (the output holds NaN or Inf)")
+    if err > bound:
+        _fail(f"{what} by {err:.2e} (bound {bound})")
+
+
+# Files a pack folder holds besides its safetensors (whose names come from the layout).
+PACK_FILES = ("config.json", CONFIG_NAME, "manifest.json")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The first key path whose value differs between two JSON objects, for an error message."""
+    for key in list(a) + [k for k in b if k not in a]:
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                return _first_difference(a[key], b[key], f"{prefix}{key}.")
+            return f"{prefix}{key}"
+    return "(key order or formatting)"
+
+
 class _DenseOnCall(torch.nn.Module):
     """nn.Linear's own computation (F.linear with the whole dense weight), the weight fetched per call.
 
@@ -95,10 +124,24 @@ def _lazy_dense_model(config: dict, kept: dict[str, torch.Tensor], fetch: dict):
     return model.eval()
 
 
+def _recorded_recipe(q: dict, source: str):
+    """The recipe a pack was made with: its text, with the name and a --mode override the pack records."""
+    import dataclasses
+
+    recipe = parse_recipe(q["recipe_yaml"], source)
+    recorded = q.get("recipe") if isinstance(q.get("recipe"), dict) else {}
+    if recorded.get("mode") in BITS and recorded["mode"] != recipe.mode:
+        recipe = recipe.with_mode(recorded["mode"])
+    if isinstance(recorded.get("name"), str):
+        recipe = dataclasses.replace(recipe, name=recorded["name"])
+    return recipe
+
+
 class PackVerifier:
     def __init__(self, folder: Path, source: Path | None, image_tokens: int, text_tokens: int, seed: int,
-                 calib: Path | None = None):
+                 calib: Path | None = None, reproducible: bool = False):
         self.folder, self.source, self.calib = folder, source, calib
+        self.reproducible = reproducible
         self.image_tokens, self.text_tokens, self.seed = image_tokens, text_tokens, seed
         self.qconfig: dict = {}
         self.config: dict = {}
@@ -139,6 +182,9 @@ class PackVerifier:
                 _fail(f"{CONFIG_NAME}: tensor {name!r} of the config.json architecture is neither quantized nor kept")
         for name in sorted(listed - set(specs)):
             _fail(f"{CONFIG_NAME}: lists {name!r}, which config.json's architecture does not have")
+        for name, info in q["kept"].items():
+            if info.get("dtype") not in KEPT_DTYPES:
+                _fail(f"{CONFIG_NAME}: kept[{name!r}] dtype {info.get('dtype')!r}; valid: {', '.join(KEPT_DTYPES)}")
         expected = {}
         pack = packer(q["format"])
         scale_dtype = SCALE_DTYPES[q["scale_dtype"]]
@@ -149,9 +195,19 @@ class PackVerifier:
             for suffix, (dtype, s) in pack.layout(*shape, info["mode"], q["group_size"], scale_dtype).items():
                 expected[f"{module}.{suffix}"] = (dtype, tuple(s))
         for name, info in q["kept"].items():
-            expected[name] = (getattr(torch, info["dtype"]), specs[name].shape)
+            expected[name] = (KEPT_DTYPES[info["dtype"]], specs[name].shape)
+        layout = pack_layout(q["format"], q, slots_from_qconfig(q, specs))
+        files = {s.file for s in layout} | ({INDEX_NAME} if len(layout) > 1 else set())
+        strangers = sorted(p.name + ("/" if p.is_dir() else "") for p in self.folder.iterdir()
+                           if p.name not in files and p.name not in PACK_FILES)
+        if strangers:
+            _fail(f"{self.folder}: {', '.join(strangers)} not part of a {q['format']} pack (it holds "
+                  f"{', '.join(sorted(files | set(PACK_FILES)))}); remove what does not belong")
         headers = {}
-        for file in sorted(self.folder.glob("*.safetensors")):
+        for shard in layout:
+            file = self.folder / shard.file
+            if not file.is_file():
+                _fail(f"{file}: missing (the pack's layout has {len(layout)} safetensors file(s))")
             headers.update(read_header(file))
         for name, (dtype, shape) in expected.items():
             got = headers.get(name)
@@ -161,7 +217,29 @@ class PackVerifier:
                 _fail(f"tensor {name!r} is {got.dtype}{list(got.shape)}, expected {dtype}{list(shape)}")
         for name in sorted(set(headers) - set(expected)):
             _fail(f"tensor {name!r} in {headers[name].file.name} is not described by {CONFIG_NAME}")
-        step.detail = f"{len(headers)} tensors in {len(list(self.folder.glob('*.safetensors')))} file(s) match"
+        for shard in layout:  # metadata, order, offsets and padding: the header must be what convert writes
+            file = self.folder / shard.file
+            with open(file, "rb") as f:
+                head = f.read(len(shard.header))
+            if head != shard.header:
+                try:
+                    got = json.loads(head[8:])
+                except ValueError:
+                    got = None
+                want = json.loads(shard.header[8:])
+                where = _first_difference(want, got) if isinstance(got, dict) else "(not a JSON object)"
+                _fail(f"{file}: safetensors header differs from the layout of this pack at {where!r}"
+                      + (f": {got.get('__metadata__')} instead of {want['__metadata__']}"
+                         if where.startswith("__metadata__") and isinstance(got, dict) else ""))
+            if file.stat().st_size != len(shard.header) + shard.data_bytes:
+                _fail(f"{file}: {file.stat().st_size} bytes, the layout needs {len(shard.header) + shard.data_bytes}")
+        if len(layout) > 1:
+            from .checkpoint import index_text
+
+            if (self.folder / INDEX_NAME).read_text(errors="replace") != index_text(layout):
+                _fail(f"{self.folder / INDEX_NAME}: differs from the index of this pack's layout")
+        self._layout = layout
+        step.detail = f"{len(headers)} tensors in {len(layout)} file(s) match"
 
     # -- step 2 -------------------------------------------------------------------------------------------
     def exactness(self, step: Step) -> None:
@@ -170,23 +248,32 @@ class PackVerifier:
             _, scales = self.decode(module)
             if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
                 _fail(f"{module}: scales must be finite and >= 0")
+        for name in q["kept"]:
+            tensor = reader.get(name)
+            if not bool(torch.isfinite(tensor).all()):
+                idx = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+                _fail(f"kept tensor {name!r} holds {tensor[tuple(idx)].item()} at {idx}; valid: finite values")
         step.detail = f"{len(q['quantized'])} layers decode to codes in their alphabet times 16-bit scales"
         if self.source is None:
             step.detail += "; no --source, so not compared with a re-quantization"
             return
-        recipe = parse_recipe(q["recipe_yaml"], f"{self.folder / CONFIG_NAME}:recipe_yaml")
+        recipe = _recorded_recipe(q, f"{self.folder / CONFIG_NAME}:recipe_yaml")
         ckpt = Checkpoint(self.source)
         specs = ckpt.validate()
         if model_kwargs(ckpt.config) != model_kwargs(self.config):
             _fail(f"--source {self.source}: config.json differs from the pack's")
+        if (self.folder / "config.json").read_bytes() != (ckpt.path / "config.json").read_bytes():
+            _fail(f"{self.folder / 'config.json'} is not a copy of the source's {ckpt.path / 'config.json'}")
         decisions = decide_all(specs, {n: t.dtype for n, t in ckpt.tensors.items()}, recipe)
         scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
         stats = self._calibration_stats(ckpt, decisions)
+        self._check_qconfig(ckpt, recipe, stats)
+        pack = packer(q["format"])
         for d in decisions:
             if d.action == "keep":
                 if d.name not in q["kept"]:
                     _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
-                want = ckpt.load(d.name).to(getattr(torch, q["kept"][d.name]["dtype"]))
+                want = ckpt.load(d.name).to(KEPT_DTYPES[q["kept"][d.name]["dtype"]])
                 got = reader.get(d.name)
                 if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
                     idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
@@ -206,9 +293,33 @@ class PackVerifier:
                 idx = (_bits(scales) != _bits(requant.scales)).nonzero()[0].tolist()
                 _fail(f"{d.module}: scale at [out, group] {idx} is {scales[tuple(idx)].item()}, re-quantizing "
                       f"the source gives {requant.scales[tuple(idx)].item()}")
+            # Every stored bit, not only what decodes: padding, side tensors (gemlite metadata, MLX biases).
+            for suffix, want in pack.pack(requant.codes, requant.scales, d.mode, recipe.group_size).items():
+                got = reader.get(f"{d.module}.{suffix}")
+                if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+                    _fail(f"{d.module}.{suffix}: stored bytes differ from packing the re-quantized source "
+                          "(bits outside the decoded codes and scales changed)")
         step.detail += f"; equal to re-quantizing {self.source} under the recorded recipe"
         if stats is not None:
             step.detail += f" with calibration set {self.calib}"
+
+    def _check_qconfig(self, ckpt: Checkpoint, recipe, stats) -> None:
+        """quantization_config.json must be exactly what convert writes for this source and recorded recipe."""
+        from .convert import quantization_config
+
+        q = self.qconfig
+        recorded = q.get("recipe_sha256")
+        if recorded != hashlib.sha256(recipe.text.encode()).hexdigest():
+            _fail(f"{CONFIG_NAME}: recipe_yaml does not hash to the recorded recipe_sha256 {str(recorded)[:12]}...")
+        want = quantization_config(make_plan(ckpt, recipe), q["shard_bytes"])
+        if stats is not None:
+            want["calibration"] = q.get("calibration")  # its fingerprint was checked against --calib
+        want.update({k: v for k, v in q.items() if k not in want})  # distill's training record
+        want_text = qconfig_text(q["format"], want)
+        if (self.folder / CONFIG_NAME).read_text() != want_text:
+            where = _first_difference(json.loads(want_text), q)
+            _fail(f"{CONFIG_NAME}: {where!r} differs from what converting {self.source} under the recorded "
+                  "recipe writes")
 
     def _calibration_stats(self, ckpt: Checkpoint, decisions):
         """Statistics for re-running calibrated solvers, from the same set the pack records (or None)."""
@@ -230,7 +341,9 @@ class PackVerifier:
         if calib.fingerprint() != record.get("fingerprint"):
             _fail(f"--calib {self.calib}: not the calibration set this pack was made with (sha256 "
                   f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
-        dtype = getattr(torch, record.get("model_dtype", "float32"))
+        dtype = KEPT_DTYPES.get(record.get("model_dtype", "float32"))
+        if dtype is None:
+            _fail(f"{CONFIG_NAME}: calibration.model_dtype {record.get('model_dtype')!r}; valid: {', '.join(KEPT_DTYPES)}")
         return BlockStats(load_model(ckpt.path, dtype=dtype), calib, wanted)
 
     # -- step 3 -------------------------------------------------------------------------------------------
@@ -268,9 +381,8 @@ class PackVerifier:
             x = rng.standard_normal((4, in_f), dtype=np.float32)
             ref = x @ w.T
             err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
+            _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
             worst = max(worst, err)
-            if err > MLX_LAYER_BOUND:
-                _fail(f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T by {err:.2e} (bound {MLX_LAYER_BOUND})")
         step.data["max_rel_error"] = worst
         step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig['quantized'])} layers; QuantizedLinear max "
                        f"rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
@@ -299,9 +411,8 @@ class PackVerifier:
             codes, scales = self.decode(module)
             ref = x @ dequantize(codes.cuda(), scales.cuda(), g).t()
             err = float((layer(x.to(act)).float() - ref).norm() / ref.norm())
+            _gate(err, GEMLITE_LAYER_BOUND, f"{module}: gemlite output differs from x @ W^T")
             worst = max(worst, err)
-            if err > GEMLITE_LAYER_BOUND:
-                _fail(f"{module}: gemlite output differs from x @ W^T by {err:.2e} (bound {GEMLITE_LAYER_BOUND})")
         step.data["max_rel_error"] = worst
         step.detail = f"gemlite ran {len(self.qconfig['quantized'])} layers; max rel error {worst:.1e} (bound {GEMLITE_LAYER_BOUND})"
 
@@ -346,9 +457,7 @@ class PackVerifier:
         if self.source is not None:
             full = self.source_output(inputs)
             step.data["rel_error_vs_unquantized_source"] = float((out - full).norm() / full.norm())
-        if err > E2E_BOUND:
-            _fail(f"reference runtime forward differs from diffusers with the decoded weights by {err:.2e} "
-                  f"(bound {E2E_BOUND})")
+        _gate(err, E2E_BOUND, "reference runtime forward differs from diffusers with the decoded weights")
         step.detail = (f"reference runtime vs diffusers (fp32, {inputs['hidden_states'].shape[1]} image + "
                        f"{self.text_tokens} text tokens): rel error {err:.1e} (bound {E2E_BOUND})")
         if "rel_error_vs_unquantized_source" in step.data:
@@ -359,8 +468,7 @@ class PackVerifier:
 
         err = pack_relative_error(self.folder, {k: v.numpy() for k, v in inputs.items()}, reference)
         step.data.update(rel_error=err, bound=MLX_E2E_BOUND)
-        if err > MLX_E2E_BOUND:
-            _fail(f"MLX transformer forward differs from the torch reference by {err:.2e} (bound {MLX_E2E_BOUND})")
+        _gate(err, MLX_E2E_BOUND, "MLX transformer forward differs from the torch reference")
         step.detail = f"MLX forward from the pack vs torch fp32 reference: rel error {err:.1e} (bound {MLX_E2E_BOUND})"
 
     def run(self) -> list[Step]:
@@ -385,9 +493,13 @@ class PackVerifier:
             step = Step(name)
             start = time.perf_counter()
             try:
-                fn(step)
+                # One thread makes the forwards' summation order, and so the reported errors, the same in
+                # every run: a release folder must not depend on the thread count.
+                with fixed_threads(1) if self.reproducible else contextlib.nullcontext():
+                    fn(step)
             except (_Fail, BonsaiError) as e:
                 step.status, step.detail = "fail", str(e)
+            step.data = {k: figure(v, 3) if isinstance(v, float) else v for k, v in step.data.items()}
             step.seconds = round(time.perf_counter() - start, 2)
             steps.append(step)
             if step.status == "fail" and name in ("integrity", "exactness"):
@@ -396,10 +508,11 @@ class PackVerifier:
 
 
 def verify(path: Path, source: Path | None = None, image_tokens: int = 64, text_tokens: int = 32,
-           seed: int = 0, calib: Path | None = None) -> dict:
+           seed: int = 0, calib: Path | None = None, reproducible: bool = False) -> dict:
+    """`reproducible`: figures that do not depend on the thread count (slower forwards), for release folders."""
     packs = []
     for folder in pack_folders(Path(path)):
-        steps = PackVerifier(folder, source, image_tokens, text_tokens, seed, calib).run()
+        steps = PackVerifier(folder, source, image_tokens, text_tokens, seed, calib, reproducible).run()
         packs.append({"folder": str(folder), "steps": [asdict(s) for s in steps]})
     ok = all(s["status"] != "fail" for p in packs for s in p["steps"])
     return {"ok": ok, "packs": packs}

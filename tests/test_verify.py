@@ -45,11 +45,24 @@ def _flip_bit(folder, tensor, byte=0, bit=0):
 
 
 def _rewrite(folder, edit):
-    """Change the tensors and re-seal the manifest, as a careless tool would: only deeper checks can tell."""
+    """Change the tensors and re-seal the manifest, as a careful tamperer would: values change in place, so
+    the header stays byte-identical and only the deeper checks can tell; a changed set of tensors is saved anew."""
     file = folder / "model.safetensors"
     tensors = load_file(str(file))
     edit(tensors)
-    save_file(tensors, str(file))
+    header = read_header(file)
+    if set(tensors) != set(header) or any(tensors[k].dtype != i.dtype or tuple(tensors[k].shape) != i.shape
+                                          for k, i in header.items()):
+        save_file(tensors, str(file))
+        (folder / "manifest.json").unlink()
+        write_manifest(folder)
+        return
+    (n,) = struct.unpack("<Q", file.read_bytes()[:8])
+    data = bytearray(file.read_bytes())
+    for name, info in header.items():
+        raw = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data[8 + n + info.offset:8 + n + info.offset + len(raw)] = raw
+    file.write_bytes(bytes(data))
     (folder / "manifest.json").unlink()
     write_manifest(folder)
 

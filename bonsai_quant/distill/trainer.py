@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import BonsaiError, OutputExistsError
+from ..errors import BonsaiError
+from ..output import check_output
 from ..recipe import Recipe
 from .inputs import process_slice
 from .settings import DistillSettings
@@ -55,6 +56,11 @@ class DistillOptions:
     save_checkpoint: bool = False
     keep_state: bool = False
     verbose: bool = True
+
+    @property
+    def sources(self) -> tuple:
+        """What the output must never be, hold or lie inside: the teacher and its calibration set."""
+        return (self.model, self.calib or self.recipe.calibration_path())
 
     @property
     def state(self) -> Path:
@@ -103,8 +109,7 @@ class Trainer:
     def check_paths(self) -> Path | None:
         """Refuse to clobber output or an earlier run's state; returns the checkpoint to resume from."""
         opts, state = self.opts, self.opts.state
-        if opts.out.exists() and not opts.force:
-            raise OutputExistsError(f"{opts.out}: already exists; pass --force to replace it")
+        check_output(opts.out, opts.force, opts.sources)
         found = checkpoints(state)
         if found and not opts.resume and not opts.force:
             raise BonsaiError(f"{state}: holds checkpoints of an earlier run (last: {found[-1].name}); valid: "
@@ -361,7 +366,7 @@ class Trainer:
         report = {}
         state = self.acc.get_state_dict(self.student)  # every process takes part: FSDP gathers the shards here
         if self.main:
-            with atomic_output(opts.out, force=opts.force) as tmp:
+            with atomic_output(opts.out, force=opts.force, sources=opts.sources) as tmp:
                 report = export(state, opts.model, self.plan, tmp, record, opts.save_checkpoint)
                 log = {"record": record, "history": history, "resumed_at_step": start or None,
                        "seconds_this_run": round(seconds, 3), "device": str(self.acc.device)}

@@ -56,7 +56,7 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
         chunk = out_features  # one pass over the columns: on a GPU its per-column kernel launches dominate
     for start in range(0, out_features, chunk):
         rows = weight[start:start + chunk].float()
-        _check_finite(rows, name, start)
+        check_finite(rows, name, start)
         groups = rows.reshape(-1, group_size)
         c, s = group_solver(rows, groups)
         s16 = s.to(scale_dtype)
@@ -66,8 +66,8 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
         codes[start:start + len(rows)] = c.reshape(rows.shape)
         scales[start:start + len(rows)] = s16.reshape(len(rows), -1)
         diff = groups - c.float() * s16.float()[:, None]
-        err2 += float(diff.square().sum())
-        ref2 += float(groups.square().sum())
+        err2 += float(diff.double().square().sum())  # float64: the reported error must not depend on threads
+        ref2 += float(groups.double().square().sum())
     rel = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
     if solver == "grid" and err2 > 0:
         raise BonsaiError(f"{name}: solver 'grid' needs weights already on a {mode} grid (each group of "
@@ -119,9 +119,12 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> to
     return groups.reshape(out_features, in_features)
 
 
-def _check_finite(rows: torch.Tensor, name: str, row_offset: int) -> None:
-    bad = ~torch.isfinite(rows)
+def check_finite(tensor: torch.Tensor, name: str, row_offset: int = 0) -> None:
+    """Every tensor a pack takes from a checkpoint, quantized or kept, must be finite: one error for all."""
+    bad = ~torch.isfinite(tensor)
     if bad.any():
-        r, c = (int(i) for i in bad.nonzero()[0])
-        raise BonsaiError(f"{name}: non-finite weight {rows[r, c].item()} at [{row_offset + r}, {c}]; "
-                          "a checkpoint must hold finite weights")
+        idx = [int(i) for i in bad.nonzero()[0]]
+        value = tensor[tuple(idx)].item()
+        if idx:
+            idx[0] += row_offset
+        raise BonsaiError(f"{name}: non-finite weight {value} at {idx}; a checkpoint must hold finite weights")
