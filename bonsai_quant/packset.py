@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoint import Entry, ShardedWriter
 from .describe import CONFIG_NAME
 from .manifest import write_manifest
-from .plan import packer
+from .plan import KEPT_DTYPES, SCALE_DTYPES, packer
 
 PACK_STEM = "model"
 SAFETENSORS_FORMAT = {"mlx": "mlx", "gemlite": "pt", "bonsai": "pt"}
@@ -53,7 +53,7 @@ def slots_from_qconfig(qconfig: dict, specs) -> list[Slot]:
         if module in qconfig["quantized"] and name.endswith(".weight"):
             slots.append(Slot(name, spec.shape, "quantize", mode=qconfig["quantized"][module]["mode"]))
         else:
-            slots.append(Slot(name, spec.shape, "keep", kept_dtype=getattr(torch, qconfig["kept"][name]["dtype"])))
+            slots.append(Slot(name, spec.shape, "keep", kept_dtype=KEPT_DTYPES[qconfig["kept"][name]["dtype"]]))
     return slots
 
 
@@ -61,7 +61,7 @@ class PackSet:
     def __init__(self, folders: dict[str, Path], config_json: Path, qconfig: dict, slots: list[Slot]):
         """folders: target -> pack folder to fill (made if missing)."""
         self.folders = {t: Path(f) for t, f in folders.items()}
-        group, scale_dtype = qconfig["group_size"], getattr(torch, qconfig["scale_dtype"])
+        group, scale_dtype = qconfig["group_size"], SCALE_DTYPES[qconfig["scale_dtype"]]
         self.group_size = group
         recipe = qconfig["recipe"]
         meta_common = {"producer": f"bonsai-quant {__version__}", "recipe": recipe["name"], "mode": recipe["mode"]}

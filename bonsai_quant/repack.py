@@ -6,7 +6,6 @@ byte-identical to the one `convert` writes for that target from the same checkpo
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,8 +14,8 @@ from tqdm import tqdm
 
 from .describe import CONFIG_NAME
 from .errors import PackError
-from .flux2 import inventory, read_config
 from .output import atomic_output
+from .pack_check import open_pack
 from .packing import bonsai
 from .packset import PackSet, slots_from_qconfig
 from .runtime.loader import PackReader, resolve_pack
@@ -24,15 +23,26 @@ from .runtime.loader import PackReader, resolve_pack
 RUNTIME_TARGETS = ("mlx", "gemlite")
 
 
+def _check_copied_fields(path: Path, qconfig: dict) -> None:
+    """What the new pack takes from the compact one beyond its structure (check_pack covers that)."""
+    recipe, shard_bytes = qconfig.get("recipe"), qconfig.get("shard_bytes")
+    if not (isinstance(recipe, dict) and isinstance(recipe.get("name"), str) and isinstance(recipe.get("mode"), str)):
+        raise PackError(f"{path}: recipe {recipe!r:.200}; valid: the recipe object convert records, with a name and "
+                        "a mode")
+    if type(shard_bytes) is not int or shard_bytes <= 0:
+        raise PackError(f"{path}: shard_bytes {shard_bytes!r:.200}; valid: a whole number of bytes > 0")
+
+
 def repack(src: Path, target: str, out: Path, force: bool = False, verbose: bool = False) -> dict:
     if target not in RUNTIME_TARGETS:
         raise PackError(f"repack target {target!r}; valid: {', '.join(RUNTIME_TARGETS)}")
     start = time.perf_counter()
     folder = resolve_pack(Path(src), "bonsai")
-    qconfig = json.loads((folder / CONFIG_NAME).read_text())
-    specs = inventory(read_config(folder / "config.json"), str(folder / "config.json"))
-    slots = slots_from_qconfig(qconfig, specs)
-    reader = PackReader(folder)
+    pack = open_pack(folder)
+    qconfig = pack.qconfig
+    _check_copied_fields(folder / CONFIG_NAME, qconfig)
+    slots = slots_from_qconfig(qconfig, pack.specs)
+    reader = PackReader(folder, pack.headers)
     with atomic_output(Path(out), force=force) as tmp:
         packs = PackSet({target: tmp}, folder / "config.json", qconfig, slots)
         try:

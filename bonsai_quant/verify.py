@@ -14,7 +14,6 @@ Steps, in order, each naming the first thing that fails:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, read_header
+from .checkpoint import Checkpoint
 from .describe import CONFIG_NAME, pack_folders
 from .errors import BonsaiError
-from .flux2 import inventory, model_kwargs, read_config
+from .flux2 import model_kwargs
 from .manifest import check_manifest
-from .plan import BITS, SCALE_DTYPES, decide_all, packer
+from .pack_check import check_pack, dtype_named
+from .plan import KEPT_DTYPES, SCALE_DTYPES, decide_all, packer
 from .quantizers import dequantize, quantize
 from .recipe import parse_recipe
 from .runtime.loader import PackReader
@@ -121,47 +121,10 @@ class PackVerifier:
         problems = check_manifest(self.folder)
         if problems:
             _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        try:
-            self.qconfig = json.loads((self.folder / CONFIG_NAME).read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as e:
-            _fail(f"{self.folder / CONFIG_NAME}: unreadable ({e})")
-        q = self.qconfig
-        for key in ("format", "group_size", "scale_dtype", "quantized", "kept"):
-            if key not in q:
-                _fail(f"{self.folder / CONFIG_NAME}: missing key {key!r}")
-        if q["format"] not in ("mlx", "gemlite", "bonsai") or q["scale_dtype"] not in SCALE_DTYPES:
-            _fail(f"{self.folder / CONFIG_NAME}: format {q['format']!r} / scale_dtype {q['scale_dtype']!r} unknown")
-        self.config = read_config(self.folder / "config.json")
-        specs = inventory(self.config, str(self.folder / "config.json"))
-        listed = {f"{m}.weight" for m in q["quantized"]} | set(q["kept"])
-        for name in specs:
-            if name not in listed:
-                _fail(f"{CONFIG_NAME}: tensor {name!r} of the config.json architecture is neither quantized nor kept")
-        for name in sorted(listed - set(specs)):
-            _fail(f"{CONFIG_NAME}: lists {name!r}, which config.json's architecture does not have")
-        expected = {}
-        pack = packer(q["format"])
-        scale_dtype = SCALE_DTYPES[q["scale_dtype"]]
-        for module, info in q["quantized"].items():
-            shape = specs[f"{module}.weight"].shape
-            if list(shape) != list(info["shape"]) or info.get("mode") not in BITS or info.get("bits") != BITS[info["mode"]]:
-                _fail(f"{CONFIG_NAME}: quantized[{module!r}] = {info} does not match config.json shape {list(shape)}")
-            for suffix, (dtype, s) in pack.layout(*shape, info["mode"], q["group_size"], scale_dtype).items():
-                expected[f"{module}.{suffix}"] = (dtype, tuple(s))
-        for name, info in q["kept"].items():
-            expected[name] = (getattr(torch, info["dtype"]), specs[name].shape)
-        headers = {}
-        for file in sorted(self.folder.glob("*.safetensors")):
-            headers.update(read_header(file))
-        for name, (dtype, shape) in expected.items():
-            got = headers.get(name)
-            if got is None:
-                _fail(f"tensor {name!r} is missing from the pack's safetensors")
-            if got.dtype != dtype or got.shape != shape:
-                _fail(f"tensor {name!r} is {got.dtype}{list(got.shape)}, expected {dtype}{list(shape)}")
-        for name in sorted(set(headers) - set(expected)):
-            _fail(f"tensor {name!r} in {headers[name].file.name} is not described by {CONFIG_NAME}")
-        step.detail = f"{len(headers)} tensors in {len(list(self.folder.glob('*.safetensors')))} file(s) match"
+        pack = check_pack(self.folder)
+        self.qconfig, self.config = pack.qconfig, pack.config
+        files = {info.file for info in pack.headers.values()}
+        step.detail = f"{len(pack.headers)} tensors in {len(files)} file(s) match"
 
     # -- step 2 -------------------------------------------------------------------------------------------
     def exactness(self, step: Step) -> None:
@@ -174,6 +137,9 @@ class PackVerifier:
         if self.source is None:
             step.detail += "; no --source, so not compared with a re-quantization"
             return
+        if not isinstance(q.get("recipe_yaml"), str):
+            _fail(f"{self.folder / CONFIG_NAME}: no recipe_yaml; comparing with --source re-runs the recipe the "
+                  "pack records there")
         recipe = parse_recipe(q["recipe_yaml"], f"{self.folder / CONFIG_NAME}:recipe_yaml")
         ckpt = Checkpoint(self.source)
         specs = ckpt.validate()
@@ -186,7 +152,7 @@ class PackVerifier:
             if d.action == "keep":
                 if d.name not in q["kept"]:
                     _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
-                want = ckpt.load(d.name).to(getattr(torch, q["kept"][d.name]["dtype"]))
+                want = ckpt.load(d.name).to(KEPT_DTYPES[q["kept"][d.name]["dtype"]])
                 got = reader.get(d.name)
                 if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
                     idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
@@ -217,7 +183,8 @@ class PackVerifier:
         wanted = statistics_needed(decisions)
         if not wanted:
             return None
-        record = self.qconfig.get("calibration") or {}
+        record = self.qconfig.get("calibration")
+        record = record if isinstance(record, dict) else {}
         if self.calib is None:
             _fail(f"{len(wanted)} layers were quantized with calibrated solvers "
                   f"({', '.join(sorted({d.solver for d in decisions if d.name in wanted}))}); re-quantizing them "
@@ -230,7 +197,8 @@ class PackVerifier:
         if calib.fingerprint() != record.get("fingerprint"):
             _fail(f"--calib {self.calib}: not the calibration set this pack was made with (sha256 "
                   f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
-        dtype = getattr(torch, record.get("model_dtype", "float32"))
+        dtype = dtype_named(record.get("model_dtype", "float32"), KEPT_DTYPES,
+                            f"{self.folder / CONFIG_NAME}: calibration.model_dtype")
         return BlockStats(load_model(ckpt.path, dtype=dtype), calib, wanted)
 
     # -- step 3 -------------------------------------------------------------------------------------------
