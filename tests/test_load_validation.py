@@ -258,3 +258,19 @@ def test_eval_names_a_malformed_pack(digits_pack, tmp_path, capsys):
     _edit_qconfig(pack, _set(["kept"], KeyError))
     assert main(["eval", str(pack), "--samples", "1", "--steps", "1"]) == 2
     assert capsys.readouterr().err == f"error: {pack / 'quantization_config.json'}: missing key 'kept'\n"
+
+
+def test_mlx_runtime_refuses_an_index_entry_outside_the_folder(sharded, tmp_path):
+    from bonsai_quant.runtime.mlx_flux2 import load_mlx_transformer
+
+    pack = tmp_path / "mlx"
+    shutil.copytree(sharded, pack)
+    index_path = pack / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.move(pack / first, tmp_path / first)
+    index["weight_map"] = {n: (f"../{first}" if f == first else f) for n, f in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(PackError, match=rf"model\.safetensors\.index\.json: shard '\.\./{first}' is not a file name "
+                                        "in this folder"):
+        load_mlx_transformer(pack)
