@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .flux2 import TensorSpec, inventory, read_config
+from .errors import BonsaiError, CheckpointError
+from .flux2 import TensorSpec, check_size, inventory, read_config
+from .shards import open_regular, read_weight_map
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -48,41 +49,87 @@ class TensorInfo:
         return nbytes(self.dtype, self.shape)
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header against the file's real size (catches truncation)."""
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0  # not bool, not float: what safetensors' usize fields accept
+
+
+def read_header(path: Path, error: type[BonsaiError] = CheckpointError) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header as safetensors itself does before reading: entries well-formed,
+    `__metadata__` an object of strings, tensor data laid end to end from byte 0 with no gap or overlap, and
+    ending where the file ends (which catches truncation)."""
+    with open_regular(path, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise error(f"{path}: truncated ({size} bytes); not a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise error(f"{path}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)")
+        blob = f.read(n)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated ({size} bytes); not a safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        header = json.loads(blob)
+    except UnicodeDecodeError:
+        raise error(f"{path}: corrupt safetensors header (not UTF-8 JSON)") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    infos, end = {}, 0
+        raise error(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(v, str) for v in metadata.values())):
+        raise error(f"{path}: corrupt safetensors header (__metadata__ must be an object of strings, got "
+                    f"{json.dumps(metadata)[:200]})")
+    infos = {}
     for name, entry in header.items():
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, stop = (int(o) for o in entry["data_offsets"])
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(map(_is_count, shape)) and isinstance(offsets, list)
+                    and len(offsets) == 2 and all(map(_is_count, offsets))):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry: {entry!r}") from None
-        info = TensorInfo(name, dtype, shape, path, begin)
+            raise error(f"{path}: tensor {name!r} has an invalid header entry: {entry!r}") from None
+        begin, stop = offsets
+        info = TensorInfo(name, dtype, tuple(shape), path, begin)
         if stop - begin != info.nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} spans {stop - begin} bytes but {entry['dtype']}{list(shape)} needs {info.nbytes}")
+            raise error(f"{path}: tensor {name!r} spans {stop - begin} bytes but {entry['dtype']}{list(shape)} needs {info.nbytes}")
         infos[name] = info
-        end = max(end, stop)
+    end, previous = 0, None
+    for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
+        if info.offset < end:
+            raise error(f"{path}: tensor {info.name!r} starts at byte {info.offset} of the data, inside tensor "
+                        f"{previous.name!r} (bytes {previous.offset} to {end}); valid: tensors laid end to end")
+        if info.offset > end:
+            before = f"tensor {previous.name!r} ends at {end}" if previous else "the data begins at 0"
+            raise error(f"{path}: tensor {info.name!r} starts at byte {info.offset} of the data, but {before}: "
+                        f"{info.offset - end} bytes belong to no tensor; valid: tensors laid end to end")
+        end, previous = info.offset + info.nbytes, info
     if 8 + n + end != size:
-        raise CheckpointError(f"{path}: truncated or corrupt: the header describes {8 + n + end} bytes, the file has {size}")
+        raise error(f"{path}: truncated or corrupt: the header describes {8 + n + end} bytes, the file has {size}")
     return infos
+
+
+def read_folder_headers(folder: Path, single: str, index_name: str,
+                        error: type[BonsaiError] = CheckpointError) -> dict[str, TensorInfo]:
+    """Headers of a folder's weights: the shards its index names (checked against that index), else the
+    single file."""
+    index = folder / index_name
+    if os.path.lexists(index):
+        weight_map = read_weight_map(index, error)
+        infos: dict[str, TensorInfo] = {}
+        for file in sorted(set(weight_map.values())):
+            header = read_header(file, error)
+            for name in header:
+                if weight_map.get(name) != file:
+                    raise error(f"{file}: tensor {name!r} is not listed for this file in {index.name}")
+            infos.update(header)
+        for name, file in weight_map.items():
+            if name not in infos:
+                raise error(f"{index}: lists tensor {name!r} in {file.name}, which does not contain it")
+        return infos
+    if os.path.lexists(folder / single):
+        return read_header(folder / single, error)
+    raise error(f"{folder}: no {single} or {index_name} found")
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -105,33 +152,15 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
 
     def _read_headers(self) -> dict[str, TensorInfo]:
-        index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                weight_map = None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object of "
-                                      "tensor name -> shard file name)")
-            infos: dict[str, TensorInfo] = {}
-            for file in sorted(set(weight_map.values())):
-                header = read_header(self.path / file)
-                for name in header:
-                    if weight_map.get(name) != file:
-                        raise CheckpointError(f"{self.path / file}: tensor {name!r} is not listed for this file in {index.name}")
-                infos.update(header)
-            for name, file in weight_map.items():
-                if name not in infos:
-                    raise CheckpointError(f"{index}: lists tensor {name!r} in {file}, which does not contain it")
-            return infos
-        if single.exists():
-            return read_header(single)
-        raise CheckpointError(f"{self.path}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
+        return read_folder_headers(self.path, WEIGHTS_NAME, INDEX_NAME)
 
     def validate(self, group_size: int | None = None) -> dict[str, TensorSpec]:
         """Check every tensor against the architecture in config.json; returns the expected specs."""
-        expected = inventory(self.config, str(self.path / "config.json"))
+        source = str(self.path / "config.json")
+        # Source weights are 16 or 32 bits each: a config claiming more than the files hold is refused
+        # before its architecture is built.
+        check_size(self.config, self.source_bytes, 16, source)
+        expected = inventory(self.config, source)
         problems = []
         for name in expected:
             if name not in self.tensors:

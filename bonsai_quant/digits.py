@@ -15,12 +15,12 @@ contract between that model and everything that runs it:
 
 from __future__ import annotations
 
-import json
 from importlib.resources import files
 from pathlib import Path
 
 import torch
 
+from . import shards
 from .errors import BonsaiError
 
 MODEL_NAME = "flux2-tiny-digits"
@@ -187,9 +187,7 @@ def check_compatible(config: dict, encoder: TextEncoder, source: str) -> None:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BonsaiError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise BonsaiError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = shards.read_json(Path(path), BonsaiError, missing="not found")
+    if not isinstance(data, dict):
+        raise BonsaiError(f"{path}: expected a JSON object")
+    return data

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import CheckpointError
+from .shards import read_json
 
 CLASS_NAME = "Flux2Transformer2DModel"
 
@@ -73,12 +74,7 @@ class TensorSpec:
 def read_config(path: str | Path) -> dict:
     """Read a diffusers `config.json`, refusing anything that is not a FLUX.2 transformer config."""
     path = Path(path)
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; a diffusers checkpoint folder holds config.json") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    config = read_json(path, CheckpointError, missing="not found; a diffusers checkpoint folder holds config.json")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object of model arguments")
     cls = config.get("_class_name", CLASS_NAME)
@@ -100,12 +96,13 @@ def inventory(config: dict, source: str = "config.json") -> dict[str, TensorSpec
 @lru_cache(maxsize=8)
 def _inventory(key: str, source: str) -> dict[str, TensorSpec]:
     import torch
-    from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
     kwargs = json.loads(key)
     try:
-        with init_empty_weights():
+        # Every tensor made on the meta device, not allocated first and moved there as init_empty_weights
+        # does: a config claiming huge widths must not reach the allocator.
+        with torch.device("meta"):
             model = Flux2Transformer2DModel(**kwargs)
     except Exception as e:  # diffusers raises assorted types for a bad config
         raise CheckpointError(f"{source}: diffusers cannot build {CLASS_NAME} from it: {e}") from None
@@ -116,6 +113,46 @@ def _inventory(key: str, source: str) -> dict[str, TensorSpec]:
         name: TensorSpec(name, tuple(t.shape), role_of(name), name in linear_weights)
         for name, t in model.state_dict().items()
     }
+
+
+def block_counts(config: dict, source: str = "config.json") -> tuple[int, int]:
+    """(num_layers, num_single_layers), diffusers' defaults where the config leaves them out."""
+    import inspect
+
+    from diffusers import Flux2Transformer2DModel
+
+    defaults = inspect.signature(Flux2Transformer2DModel.__init__).parameters
+    counts = []
+    for key in ("num_layers", "num_single_layers"):
+        value = config.get(key, defaults[key].default)
+        if type(value) is not int or value < 0:
+            raise CheckpointError(f"{source}: {key} is {value!r}; valid: a whole number >= 0")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
+def parameter_count(config: dict, source: str = "config.json") -> int:
+    """Parameters of the model `config` describes, from a build with at most one block of each kind: the
+    cost of building does not grow with the block counts a file claims."""
+    doubles, singles = block_counts(config, source)
+    probe = inventory({**config, "num_layers": min(doubles, 1), "num_single_layers": min(singles, 1)}, source)
+    total = sum(s.numel for s in probe.values())
+    double = sum(s.numel for n, s in probe.items() if n.startswith("transformer_blocks.0."))
+    single = sum(s.numel for n, s in probe.items() if n.startswith("single_transformer_blocks.0."))
+    return total + (doubles - min(doubles, 1)) * double + (singles - min(singles, 1)) * single
+
+
+def check_size(config: dict, tensor_bytes: int, min_bits: int, source: str = "config.json") -> None:
+    """Refuse a config whose model could not fit in `tensor_bytes` at `min_bits` per parameter, before the
+    whole architecture is built: a claimed 10^6 blocks would take hours and ~180 GB to build on meta."""
+    params = parameter_count(config, source)
+    need = -(-params * min_bits // 8)
+    if need > tensor_bytes:
+        doubles, singles = block_counts(config, source)
+        raise CheckpointError(
+            f"{source}: describes {params:,} parameters (num_layers {doubles}, num_single_layers {singles}), at "
+            f"least {need:,} bytes at {min_bits} bit(s) each, but the safetensors hold {tensor_bytes:,} bytes of "
+            "tensors; valid: the config.json these weights were saved with")
 
 
 def build_model(config: dict, dtype=None):

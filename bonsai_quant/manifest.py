@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint import read_header
 from .errors import BonsaiError
+from .shards import read_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -59,20 +60,30 @@ def write_manifest(folder: Path) -> dict:
     return manifest
 
 
-def check_manifest(folder: Path) -> list[str]:
-    """Problems found, naming files and tensors; empty when every byte matches the manifest."""
+def check_manifest(folder: Path, hashes: bool = True) -> list[str]:
+    """Problems found, naming files and tensors; empty when every byte matches the manifest.
+
+    `hashes=False` is the cheap look readers take: every listed file present with its listed size, no hashing
+    and no complaint about files the manifest does not list."""
     path = folder / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path, BonsaiError, missing="missing; a pack made by bonsai-quant convert lists every "
+                                                         "file's sha256 there")
+    except BonsaiError as e:
+        return [str(e)]
+    try:
         files, tensors = manifest["files"], manifest["tensors"]
-    except FileNotFoundError:
-        return [f"{path}: missing; a pack made by bonsai-quant convert lists every file's sha256 there"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not (isinstance(files, dict) and isinstance(tensors, dict) and all(
+                isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)
+                for e in files.values())):
+            raise TypeError
+    except (KeyError, TypeError):
         return [f"{path}: not a bonsai-quant manifest (needs 'files' and 'tensors')"]
     problems = []
     on_disk = {p.relative_to(folder).as_posix() for p in _files(folder)}
-    for extra in sorted(on_disk - set(files)):
-        problems.append(f"{folder / extra}: not listed in {MANIFEST_NAME}")
+    if hashes:
+        for extra in sorted(on_disk - set(files)):
+            problems.append(f"{folder / extra}: not listed in {MANIFEST_NAME}")
     for rel, entry in sorted(files.items()):
         file = folder / rel
         if rel not in on_disk:
@@ -82,6 +93,8 @@ def check_manifest(folder: Path) -> list[str]:
         if size != entry["bytes"]:
             problems.append(f"{file}: {size} bytes, {MANIFEST_NAME} says {entry['bytes']} (truncated or replaced)")
             continue
+        if not hashes:
+            continue
         try:
             digest, per_tensor = _digest_file(file)
         except BonsaiError as e:
@@ -89,7 +102,8 @@ def check_manifest(folder: Path) -> list[str]:
             continue
         if digest == entry["sha256"]:
             continue
-        changed = [name for name, d in per_tensor.items() if tensors.get(name, {}).get("sha256") != d]
+        changed = [name for name, d in per_tensor.items()
+                   if not isinstance(tensors.get(name), dict) or tensors[name].get("sha256") != d]
         if changed:
             problems += [f"{file}: tensor {name!r} differs from its sha256 in {MANIFEST_NAME}" for name in changed]
         else:

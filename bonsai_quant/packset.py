@@ -17,7 +17,7 @@ import torch
 from .checkpoint import Entry, Shard, ShardedWriter, shard_layout
 from .describe import CONFIG_NAME
 from .manifest import write_manifest
-from .plan import packer
+from .plan import KEPT_DTYPES, SCALE_DTYPES, packer
 
 PACK_STEM = "model"
 SAFETENSORS_FORMAT = {"mlx": "mlx", "gemlite": "pt", "bonsai": "pt"}
@@ -52,7 +52,7 @@ def slots_from_qconfig(qconfig: dict, specs) -> list[Slot]:
         if module in qconfig["quantized"] and name.endswith(".weight"):
             slots.append(Slot(name, spec.shape, "quantize", mode=qconfig["quantized"][module]["mode"]))
         else:
-            slots.append(Slot(name, spec.shape, "keep", kept_dtype=getattr(torch, qconfig["kept"][name]["dtype"])))
+            slots.append(Slot(name, spec.shape, "keep", kept_dtype=KEPT_DTYPES[qconfig["kept"][name]["dtype"]]))
     return slots
 
 
@@ -64,7 +64,7 @@ def safetensors_metadata(target: str, qconfig: dict) -> dict[str, str]:
 
 
 def pack_entries(target: str, qconfig: dict, slots: list[Slot]) -> list[Entry]:
-    scale_dtype = getattr(torch, qconfig["scale_dtype"])
+    scale_dtype = SCALE_DTYPES[qconfig["scale_dtype"]]
     return [e for s in slots for e in slot_entries(s, target, qconfig["group_size"], scale_dtype)]
 
 

@@ -6,7 +6,6 @@ byte-identical to the one `convert` writes for that target from the same checkpo
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,10 +14,10 @@ from tqdm import tqdm
 
 from .describe import CONFIG_NAME
 from .errors import PackError
-from .flux2 import inventory, read_config
-from .output import atomic_output
+from .output import atomic_output, check_free_space
+from .pack_check import check_layout_fields, open_pack
 from .packing import bonsai
-from .packset import PackSet, slots_from_qconfig
+from .packset import PackSet, pack_entries, slots_from_qconfig
 from .runtime.loader import PackReader, resolve_pack
 
 RUNTIME_TARGETS = ("mlx", "gemlite")
@@ -29,10 +28,13 @@ def repack(src: Path, target: str, out: Path, force: bool = False, verbose: bool
         raise PackError(f"repack target {target!r}; valid: {', '.join(RUNTIME_TARGETS)}")
     start = time.perf_counter()
     folder = resolve_pack(Path(src), "bonsai")
-    qconfig = json.loads((folder / CONFIG_NAME).read_text())
-    specs = inventory(read_config(folder / "config.json"), str(folder / "config.json"))
-    slots = slots_from_qconfig(qconfig, specs)
-    reader = PackReader(folder)
+    pack = open_pack(folder)
+    qconfig = pack.qconfig
+    check_layout_fields(folder / CONFIG_NAME, qconfig)
+    slots = slots_from_qconfig(qconfig, pack.specs)
+    reader = PackReader(folder, pack.headers)
+    check_free_space(Path(out).parent, sum(e.nbytes for e in pack_entries(target, qconfig, slots)),
+                     f"repacking to {target}")
     with atomic_output(Path(out), force=force, sources=(src,)) as tmp:
         packs = PackSet({target: tmp}, folder / "config.json", qconfig, slots)
         try:

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, read_header
+from .checkpoint import Checkpoint
 from .describe import CONFIG_NAME, pack_folders
 from .errors import BonsaiError
-from .flux2 import inventory, model_kwargs, read_config
+from .flux2 import model_kwargs
 from .manifest import check_manifest
 from .figures import figure, fixed_threads
+from .pack_check import check_layout_fields, check_pack, dtype_named
 from .packset import pack_layout, qconfig_text, slots_from_qconfig
 from .plan import BITS, KEPT_DTYPES, SCALE_DTYPES, decide_all, make_plan, packer
 from .quantizers import dequantize, quantize
@@ -164,59 +164,17 @@ class PackVerifier:
         problems = check_manifest(self.folder)
         if problems:
             _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        try:
-            self.qconfig = json.loads((self.folder / CONFIG_NAME).read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as e:
-            _fail(f"{self.folder / CONFIG_NAME}: unreadable ({e})")
-        q = self.qconfig
-        for key in ("format", "group_size", "scale_dtype", "quantized", "kept"):
-            if key not in q:
-                _fail(f"{self.folder / CONFIG_NAME}: missing key {key!r}")
-        if q["format"] not in ("mlx", "gemlite", "bonsai") or q["scale_dtype"] not in SCALE_DTYPES:
-            _fail(f"{self.folder / CONFIG_NAME}: format {q['format']!r} / scale_dtype {q['scale_dtype']!r} unknown")
-        self.config = read_config(self.folder / "config.json")
-        specs = inventory(self.config, str(self.folder / "config.json"))
-        listed = {f"{m}.weight" for m in q["quantized"]} | set(q["kept"])
-        for name in specs:
-            if name not in listed:
-                _fail(f"{CONFIG_NAME}: tensor {name!r} of the config.json architecture is neither quantized nor kept")
-        for name in sorted(listed - set(specs)):
-            _fail(f"{CONFIG_NAME}: lists {name!r}, which config.json's architecture does not have")
-        for name, info in q["kept"].items():
-            if info.get("dtype") not in KEPT_DTYPES:
-                _fail(f"{CONFIG_NAME}: kept[{name!r}] dtype {info.get('dtype')!r}; valid: {', '.join(KEPT_DTYPES)}")
-        expected = {}
-        pack = packer(q["format"])
-        scale_dtype = SCALE_DTYPES[q["scale_dtype"]]
-        for module, info in q["quantized"].items():
-            shape = specs[f"{module}.weight"].shape
-            if list(shape) != list(info["shape"]) or info.get("mode") not in BITS or info.get("bits") != BITS[info["mode"]]:
-                _fail(f"{CONFIG_NAME}: quantized[{module!r}] = {info} does not match config.json shape {list(shape)}")
-            for suffix, (dtype, s) in pack.layout(*shape, info["mode"], q["group_size"], scale_dtype).items():
-                expected[f"{module}.{suffix}"] = (dtype, tuple(s))
-        for name, info in q["kept"].items():
-            expected[name] = (KEPT_DTYPES[info["dtype"]], specs[name].shape)
-        layout = pack_layout(q["format"], q, slots_from_qconfig(q, specs))
+        pack = check_pack(self.folder)
+        q = self.qconfig = pack.qconfig
+        self.config = pack.config
+        check_layout_fields(self.folder / CONFIG_NAME, q)
+        layout = pack_layout(q["format"], q, slots_from_qconfig(q, pack.specs))
         files = {s.file for s in layout} | ({INDEX_NAME} if len(layout) > 1 else set())
         strangers = sorted(p.name + ("/" if p.is_dir() else "") for p in self.folder.iterdir()
                            if p.name not in files and p.name not in PACK_FILES)
         if strangers:
             _fail(f"{self.folder}: {', '.join(strangers)} not part of a {q['format']} pack (it holds "
                   f"{', '.join(sorted(files | set(PACK_FILES)))}); remove what does not belong")
-        headers = {}
-        for shard in layout:
-            file = self.folder / shard.file
-            if not file.is_file():
-                _fail(f"{file}: missing (the pack's layout has {len(layout)} safetensors file(s))")
-            headers.update(read_header(file))
-        for name, (dtype, shape) in expected.items():
-            got = headers.get(name)
-            if got is None:
-                _fail(f"tensor {name!r} is missing from the pack's safetensors")
-            if got.dtype != dtype or got.shape != shape:
-                _fail(f"tensor {name!r} is {got.dtype}{list(got.shape)}, expected {dtype}{list(shape)}")
-        for name in sorted(set(headers) - set(expected)):
-            _fail(f"tensor {name!r} in {headers[name].file.name} is not described by {CONFIG_NAME}")
         for shard in layout:  # metadata, order, offsets and padding: the header must be what convert writes
             file = self.folder / shard.file
             with open(file, "rb") as f:
@@ -238,8 +196,7 @@ class PackVerifier:
 
             if (self.folder / INDEX_NAME).read_text(errors="replace") != index_text(layout):
                 _fail(f"{self.folder / INDEX_NAME}: differs from the index of this pack's layout")
-        self._layout = layout
-        step.detail = f"{len(headers)} tensors in {len(layout)} file(s) match"
+        step.detail = f"{len(pack.headers)} tensors in {len(layout)} file(s) match"
 
     # -- step 2 -------------------------------------------------------------------------------------------
     def exactness(self, step: Step) -> None:
@@ -257,6 +214,9 @@ class PackVerifier:
         if self.source is None:
             step.detail += "; no --source, so not compared with a re-quantization"
             return
+        if not isinstance(q.get("recipe_yaml"), str):
+            _fail(f"{self.folder / CONFIG_NAME}: no recipe_yaml; comparing with --source re-runs the recipe the "
+                  "pack records there")
         recipe = _recorded_recipe(q, f"{self.folder / CONFIG_NAME}:recipe_yaml")
         ckpt = Checkpoint(self.source)
         specs = ckpt.validate()
@@ -328,7 +288,8 @@ class PackVerifier:
         wanted = statistics_needed(decisions)
         if not wanted:
             return None
-        record = self.qconfig.get("calibration") or {}
+        record = self.qconfig.get("calibration")
+        record = record if isinstance(record, dict) else {}
         if self.calib is None:
             _fail(f"{len(wanted)} layers were quantized with calibrated solvers "
                   f"({', '.join(sorted({d.solver for d in decisions if d.name in wanted}))}); re-quantizing them "
@@ -341,9 +302,8 @@ class PackVerifier:
         if calib.fingerprint() != record.get("fingerprint"):
             _fail(f"--calib {self.calib}: not the calibration set this pack was made with (sha256 "
                   f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
-        dtype = KEPT_DTYPES.get(record.get("model_dtype", "float32"))
-        if dtype is None:
-            _fail(f"{CONFIG_NAME}: calibration.model_dtype {record.get('model_dtype')!r}; valid: {', '.join(KEPT_DTYPES)}")
+        dtype = dtype_named(record.get("model_dtype", "float32"), KEPT_DTYPES,
+                            f"{self.folder / CONFIG_NAME}: calibration.model_dtype")
         return BlockStats(load_model(ckpt.path, dtype=dtype), calib, wanted)
 
     # -- step 3 -------------------------------------------------------------------------------------------

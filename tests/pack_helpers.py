@@ -1,4 +1,7 @@
-"""Codes and scales for the pack round-trip tests of every target."""
+"""Codes and scales for the pack round-trip tests of every target, and a watchdog for bad-input tests."""
+
+import contextlib
+import signal
 
 import torch
 
@@ -29,3 +32,19 @@ def full_codes(out: int, inn: int, value: int = 1) -> torch.Tensor:
 
 def full_scales(out: int, groups: int, dtype: torch.dtype = torch.float16, value: float = 0.5) -> torch.Tensor:
     return torch.full((out, groups), value, dtype=dtype)
+
+
+@contextlib.contextmanager
+def watchdog(seconds: int, what: str):
+    """Raise TimeoutError in this thread after `seconds`: ends a run that would otherwise take hours (and all
+    the memory) when the check under test is missing. Not a timing assertion: the checks take milliseconds."""
+    def expire(*_):
+        raise TimeoutError(f"{what} still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

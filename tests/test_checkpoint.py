@@ -9,6 +9,11 @@ from safetensors.torch import load_file, save_file
 from bonsai_quant.checkpoint import Checkpoint, Entry, ShardedWriter, read_header
 from bonsai_quant.errors import CheckpointError
 
+try:  # tests/ is on sys.path under pytest's default rootdir-relative imports
+    from pack_helpers import watchdog
+except ImportError:  # tests/ made a package
+    from tests.pack_helpers import watchdog
+
 
 def _copy(src, tmp_path):
     dst = tmp_path / "ckpt"
@@ -137,3 +142,165 @@ def test_writer_refuses_undeclared_shapes_and_unwritten_tensors(tmp_path):
     writer.write("a", torch.zeros(2, dtype=torch.float16))
     with pytest.raises(CheckpointError, match="never written: \\['b'\\]"):
         writer.close()
+
+
+# ---------------------------------------------------------------- shard names, file kinds and data spans
+
+def _index(ckpt):
+    path = ckpt / "diffusion_pytorch_model.safetensors.index.json"
+    return path, json.loads(path.read_text())
+
+
+def _point_shard_at(ckpt, new_name):
+    """Move the first shard's tensors in the index to `new_name`; returns the shard's original name."""
+    path, index = _index(ckpt)
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {n: (new_name if f == first else f) for n, f in index["weight_map"].items()}
+    path.write_text(json.dumps(index))
+    return first
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_index_entry_outside_the_folder_is_refused_by_name(tiny_ckpt, tmp_path, where):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    first = sorted(set(_index(ckpt)[1]["weight_map"].values()))[0]
+    shutil.move(ckpt / first, tmp_path / "elsewhere.safetensors")  # a valid shard, just not in the folder
+    name = "../elsewhere.safetensors" if where == "parent" else str(tmp_path / "elsewhere.safetensors")
+    _point_shard_at(ckpt, name)
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint(ckpt)
+    assert str(e.value) == (f"{ckpt / 'diffusion_pytorch_model.safetensors.index.json'}: shard {name!r} is not a "
+                            "file name in this folder; valid: a plain file name ending in .safetensors, beside "
+                            "the index")
+
+
+def test_index_entry_naming_a_non_safetensors_file_is_refused_unread(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    _point_shard_at(ckpt, "config.json")
+    with pytest.raises(CheckpointError, match=r"shard 'config.json' is not a file name in this folder; valid: a "
+                                              r"plain file name ending in \.safetensors") as e:
+        Checkpoint(ckpt)
+    assert "header bytes" not in str(e.value)  # config.json's first 8 bytes, read as a length, are not shown
+
+
+def test_a_fifo_shard_is_refused_without_waiting_for_a_writer(tiny_ckpt, tmp_path):
+    import os
+    import threading
+
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    shard = sorted(ckpt.glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    outcome = []
+
+    def open_it():
+        try:
+            Checkpoint(ckpt)
+        except CheckpointError as err:
+            outcome.append(str(err))
+
+    worker = threading.Thread(target=open_it, daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():  # blocked in open(): give it a writer so the thread ends, then fail
+        os.close(os.open(shard, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(30)
+        pytest.fail("reading the checkpoint blocks on a FIFO shard")
+    assert outcome == [f"{shard}: not a regular file (a FIFO); valid: a safetensors file, or a symlink to one"]
+
+
+def test_a_folder_where_the_weights_file_should_be_is_named(tiny_ckpt_fp32, tmp_path):
+    ckpt = _copy(tiny_ckpt_fp32, tmp_path)
+    (ckpt / "diffusion_pytorch_model.safetensors").unlink()
+    (ckpt / "diffusion_pytorch_model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: not a regular file \(a folder\)"):
+        Checkpoint(ckpt)
+
+
+def test_symlinked_shards_of_a_hub_cache_snapshot_still_work(tiny_ckpt, tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/transformer/* are symlinks into blobs/."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123" / "transformer"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(tiny_ckpt.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(f"../../../blobs/blob{i}")
+    ckpt = Checkpoint(snap)
+    assert set(ckpt.validate()) == set(Checkpoint(tiny_ckpt).tensors)
+    assert torch.equal(ckpt.load("proj_out.weight"), Checkpoint(tiny_ckpt).load("proj_out.weight"))
+
+
+def _write_raw(path, header, data):
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def _u8(begin, stop, n=None):
+    return {"dtype": "U8", "shape": [stop - begin if n is None else n], "data_offsets": [begin, stop]}
+
+
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": _u8(0, 4), "b": _u8(2, 6)}, 6, "tensor 'b' starts at byte 2 of the data, inside tensor 'a' (bytes 0 to 4)"),
+    ({"a": _u8(0, 4), "b": _u8(6, 8)}, 8, "tensor 'b' starts at byte 6 of the data, but tensor 'a' ends at 4: "
+                                         "2 bytes belong to no tensor"),
+    ({"a": _u8(2, 4)}, 4, "tensor 'a' starts at byte 2 of the data, but the data begins at 0: 2 bytes belong to "
+                          "no tensor"),
+    ({"a": _u8(-4, 0), "b": _u8(0, 4)}, 4, "tensor 'a' has an invalid header entry"),
+    ({"a": {"dtype": "U8", "shape": [2.0], "data_offsets": [0, 2]}}, 2, "tensor 'a' has an invalid header entry"),
+    ({"a": {"dtype": "U8", "shape": [-2, -1], "data_offsets": [0, 2]}}, 2, "tensor 'a' has an invalid header entry"),
+    ({"a": _u8(0, 2), "__metadata__": {"format": 1}}, 2, "__metadata__ must be an object of strings"),
+])
+def test_header_spans_and_entries_are_checked_as_safetensors_does(tmp_path, header, data, message):
+    from safetensors import safe_open
+
+    path = _write_raw(tmp_path / "x.safetensors", header, bytes(range(data)))
+    with pytest.raises(Exception):  # what safetensors itself says of the file: it refuses it too
+        with safe_open(str(path), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError) as e:
+        read_header(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_aliased_tensor_in_a_checkpoint_fails_plan_before_any_work(tiny_ckpt_fp32, tmp_path, capsys):
+    from bonsai_quant.cli import main
+
+    ckpt = _copy(tiny_ckpt_fp32, tmp_path)
+    file = ckpt / "diffusion_pytorch_model.safetensors"
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    q, k = "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight"
+    last = max(v["data_offsets"][1] for name, v in header.items() if name != "__metadata__")
+    assert header[k]["data_offsets"][1] != last  # its bytes become a gap, not a shorter file
+    header[k]["data_offsets"] = header[q]["data_offsets"]
+    _write_raw(file, header, raw[8 + n:])
+    assert main(["plan", "--mode", "ternary", "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {file}: tensor ") and "inside tensor" in err and err.count("\n") == 1
+
+
+def test_config_far_larger_than_its_weights_is_refused_before_building_it(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_layers"] = 10**6
+    (ckpt / "config.json").write_text(json.dumps(config))
+    # Without the bound, building 10^6 blocks takes hours and ~180 GB: the watchdog ends it.
+    with watchdog(30, "Checkpoint.validate()"), pytest.raises(CheckpointError) as e:
+        Checkpoint(ckpt).validate()
+    source_bytes = Checkpoint(tiny_ckpt).source_bytes
+    assert str(e.value).startswith(f"{ckpt / 'config.json'}: describes ")
+    assert "num_layers 1000000" in str(e.value)
+    assert f"the safetensors hold {source_bytes:,} bytes of tensors" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("num_layers", -1), ("num_single_layers", 2.5), ("num_layers", True)])
+def test_block_counts_must_be_non_negative_integers(tiny_ckpt, tmp_path, key, value):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config[key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {key} is {value!r}; valid: a whole number >= 0"):
+        Checkpoint(ckpt).validate()

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from bonsai_quant.cli import main
 from bonsai_quant.convert import convert
 from bonsai_quant.errors import OutputExistsError, PackError
+from bonsai_quant.manifest import write_manifest
 from bonsai_quant.recipe import default_recipe
 from bonsai_quant.repack import repack
 
@@ -74,6 +75,8 @@ def test_corrupt_trit_byte_is_named_and_nothing_is_written(three_packs, tmp_path
         if key in tensors:
             tensors[key][3, 7] = 250
             save_file(tensors, str(f), metadata={"format": "pt"})
+    (src / "manifest.json").unlink()  # resealed: only decoding the codes can tell
+    write_manifest(src)
     with pytest.raises(PackError, match=r"transformer_blocks\.0\.attn\.to_v: .*byte 250 at \[row, byte\] \[3, 7\] is >= 243"):
         repack(src, "mlx", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -86,3 +89,50 @@ def test_cli_repack(three_packs, tmp_path, capsys):
     assert "mlx pack" in capsys.readouterr().out
     assert main(["repack", str(out / "mlx"), "--target", "mlx", "--out", str(tmp_path / "n")]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def _resealed_copy(three_packs, tmp_path, edit_config=None, edit_qconfig=None):
+    import shutil
+
+    _, out, _ = three_packs
+    src = tmp_path / "src"
+    shutil.copytree(out / "bonsai", src)
+    for name, edit in (("config.json", edit_config), ("quantization_config.json", edit_qconfig)):
+        if edit is not None:
+            data = json.loads((src / name).read_text())
+            edit(data)
+            (src / name).write_text(json.dumps(data, indent=2) + "\n")
+    (src / "manifest.json").unlink()
+    write_manifest(src)
+    return src
+
+
+def test_repack_checks_the_quantization_config_against_config_json(three_packs, tmp_path):
+    src = _resealed_copy(three_packs, tmp_path, edit_config=lambda c: c.update(num_single_layers=1))
+    with pytest.raises(PackError) as e:
+        repack(src, "mlx", tmp_path / "out")
+    assert str(e.value) == (f"{src / 'quantization_config.json'}: lists 'single_transformer_blocks.1.attn.norm_k."
+                            "weight', which config.json's architecture does not have")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_repack_accepts_only_the_listed_dtype_names(three_packs, tmp_path):
+    def edit(q):
+        q["kept"]["proj_out.weight"]["dtype"] = "nn"
+    src = _resealed_copy(three_packs, tmp_path, edit_qconfig=edit)
+    with pytest.raises(PackError, match=r"quantization_config\.json: kept\['proj_out\.weight'\]: dtype 'nn'; "
+                                        r"valid: float16, bfloat16, float32$"):
+        repack(src, "gemlite", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("shard_bytes", "big", "shard_bytes 'big'; valid: a whole number of bytes > 0"),
+    ("recipe", None, "recipe None; valid: the recipe object convert records, with a name and a mode"),
+])
+def test_repack_checks_what_it_copies_into_the_new_pack(three_packs, tmp_path, key, value, message):
+    src = _resealed_copy(three_packs, tmp_path, edit_qconfig=lambda q: q.update({key: value}))
+    with pytest.raises(PackError) as e:
+        repack(src, "mlx", tmp_path / "out")
+    assert str(e.value) == f"{src / 'quantization_config.json'}: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -2,52 +2,55 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_header
+from ..checkpoint import read_folder_headers
 from ..describe import CONFIG_NAME, pack_folders
 from ..errors import PackError
-from ..flux2 import model_kwargs, read_config
+from ..flux2 import model_kwargs
+from ..pack_check import INDEX_NAME, WEIGHTS_NAME, open_pack
+from ..shards import read_json
 from .packed_linear import LAYOUT_BUFFERS, PackedLinear
 
 TARGET_PREFERENCE = ("mlx", "gemlite", "bonsai")
 
 
+def _format_of(folder: Path) -> str:
+    path = folder / CONFIG_NAME
+    qconfig = read_json(path, PackError)
+    if not isinstance(qconfig, dict):
+        raise PackError(f"{path}: expected a JSON object")
+    fmt = qconfig.get("format")
+    return fmt if isinstance(fmt, str) else repr(fmt)
+
+
 def resolve_pack(path: Path, target: str | None = None) -> Path:
     """A pack folder, or the preferred target's folder of a `convert` output holding several."""
     folders = pack_folders(Path(path))
-    formats = {json.loads((f / CONFIG_NAME).read_text()).get("format"): f for f in folders}
+    formats = {_format_of(f): f for f in folders}
     if target is not None:
         if target not in formats:
-            raise PackError(f"{path}: no {target} pack here (found: {', '.join(sorted(map(str, formats)))})")
+            raise PackError(f"{path}: no {target} pack here (found: {', '.join(sorted(formats))})")
         return formats[target]
     for fmt in TARGET_PREFERENCE:
         if fmt in formats:
             return formats[fmt]
-    raise PackError(f"{path}: no MLX, gemlite or bonsai pack found (formats: {sorted(map(str, formats))})")
+    raise PackError(f"{path}: no MLX, gemlite or bonsai pack found (formats: {sorted(formats)})")
 
 
 def pack_files(folder: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file of a pack (single file or index + shards)."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise PackError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    return {name: single for name in read_header(single)}
+    """tensor name -> safetensors file of a pack (single file or index + shards), every header checked."""
+    return {name: info.file for name, info in read_folder_headers(folder, WEIGHTS_NAME, INDEX_NAME, PackError).items()}
 
 
 class PackReader:
     """Streams tensors out of a pack's safetensors with the pread backend (no whole-file mapping)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, headers: dict | None = None):
         self.folder = folder
-        self.files = pack_files(folder)
+        self.files = {n: i.file for n, i in headers.items()} if headers is not None else pack_files(folder)
         self._handles = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -56,37 +59,37 @@ class PackReader:
         file = self.files.get(name)
         if file is None:
             raise PackError(f"{self.folder}: tensor {name!r} is missing from the pack")
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), "pt", backend="pread")
-        return handle.get_tensor(name)
+        try:
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = safe_open(str(file), "pt", backend="pread")
+            return handle.get_tensor(name)
+        except Exception as e:  # safetensors' own error types are not stable across versions
+            raise PackError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                      target: str | None = None):
-    """The pack as a ready-to-run `Flux2Transformer2DModel`; kept tensors in `dtype`, low-bit layers packed."""
+    """The pack as a ready-to-run `Flux2Transformer2DModel`; kept tensors in `dtype`, low-bit layers packed.
+
+    The pack's structure is checked against its config.json before anything is built (`pack_check.open_pack`);
+    its sha256 are `verify`'s to check."""
     from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
     folder = resolve_pack(Path(path), target)
-    qconfig = json.loads((folder / CONFIG_NAME).read_text())
-    layout = qconfig.get("format")
-    config = read_config(folder / "config.json")
-    reader = PackReader(folder)
-    if layout not in LAYOUT_BUFFERS:
-        raise PackError(f"{folder}: format {layout!r} in {CONFIG_NAME}; valid: {', '.join(LAYOUT_BUFFERS)}")
+    pack = open_pack(folder)
+    qconfig, layout = pack.qconfig, pack.format
+    reader = PackReader(folder, pack.headers)
     suffixes = LAYOUT_BUFFERS[layout]
     with init_empty_weights():
-        model = Flux2Transformer2DModel(**model_kwargs(config))
+        model = Flux2Transformer2DModel(**model_kwargs(pack.config))
     for module, q in qconfig["quantized"].items():
         out_features, in_features = q["shape"]
         buffers = {s: reader.get(f"{module}.{s}").to(device) for s in suffixes}
         model.set_submodule(module, PackedLinear(layout, in_features, out_features, q["bits"],
                                                  qconfig["group_size"], buffers))
     kept = {name: reader.get(name).to(device=device, dtype=dtype) for name in qconfig["kept"]}
-    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in kept]
-    if missing:
-        raise PackError(f"{folder}: {CONFIG_NAME} lists neither as quantized nor kept: {missing[:5]}")
     model.load_state_dict(kept, strict=False, assign=True)
     model.register_to_config(_name_or_path=str(folder))
     return model.eval()

@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import PackError
+from ..shards import open_regular, read_weight_map
 
 # diffusers' defaults for Flux2Transformer2DModel arguments, used where a config.json leaves one out
 # (tests/test_mlx_flux2.py checks them against the installed diffusers).
@@ -394,18 +395,14 @@ def _read_json(path: Path, what: str) -> dict:
 def _load_pack_tensors(folder: Path) -> tuple[dict[str, mx.array], str]:
     index = folder / INDEX_NAME
     if index.exists():
-        weight_map = _read_json(index, "").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise PackError(f"{index}: no weight_map object")
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(read_weight_map(index, PackError).values()))  # plain shard names beside the index
         source = str(index)
     else:
-        files, source = [WEIGHTS_NAME], str(folder / WEIGHTS_NAME)
+        files, source = [folder / WEIGHTS_NAME], str(folder / WEIGHTS_NAME)
     tensors: dict[str, mx.array] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise PackError(f"{path}: weights file not found" + (f" (listed in {index})" if index.exists() else ""))
+    for path in files:
+        missing = "weights file not found" + (f" (listed in {index})" if index.exists() else "")
+        open_regular(path, PackError, missing=missing).close()  # a FIFO would block mx.load
         try:
             tensors.update(mx.load(str(path), format="safetensors"))
         except Exception as e:  # mlx raises RuntimeError/ValueError for truncated or foreign files
