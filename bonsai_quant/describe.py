@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .checkpoint import read_header
 from .errors import PackError
 
 CONFIG_NAME = "quantization_config.json"
@@ -23,15 +21,12 @@ def pack_folders(path: Path) -> list[Path]:
 
 
 def describe(path: Path) -> list[dict]:
+    from .pack_check import check_pack  # it builds on this module's CONFIG_NAME
+
     result = []
     for folder in pack_folders(path):
-        try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise PackError(f"{folder / CONFIG_NAME}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        headers = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            headers.update(read_header(file))
+        pack = check_pack(folder)
+        config, headers = pack.qconfig, pack.headers
         quant_bytes = weights = 0
         for module, q in config.get("quantized", {}).items():
             weights += q["shape"][0] * q["shape"][1]
