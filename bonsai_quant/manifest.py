@@ -48,6 +48,10 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p != own)
 
 
+def _manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
 def write_manifest(folder: Path) -> dict:
     files, tensors = {}, {}
     for path in _files(folder):
@@ -56,7 +60,7 @@ def write_manifest(folder: Path) -> dict:
         files[rel] = {"bytes": path.stat().st_size, "sha256": digest}
         tensors.update({name: {"file": rel, "sha256": d} for name, d in per_tensor.items()})
     manifest = {"format_version": FORMAT_VERSION, "files": files, "tensors": tensors}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (folder / MANIFEST_NAME).write_text(_manifest_text(manifest))
     return manifest
 
 
@@ -79,7 +83,7 @@ def check_manifest(folder: Path, hashes: bool = True) -> list[str]:
             raise TypeError
     except (KeyError, TypeError):
         return [f"{path}: not a bonsai-quant manifest (needs 'files' and 'tensors')"]
-    problems = []
+    problems, computed = [], {}
     on_disk = {p.relative_to(folder).as_posix() for p in _files(folder)}
     if hashes:
         for extra in sorted(on_disk - set(files)):
@@ -100,6 +104,7 @@ def check_manifest(folder: Path, hashes: bool = True) -> list[str]:
         except BonsaiError as e:
             problems.append(str(e))
             continue
+        computed[rel] = (entry["bytes"], digest, per_tensor)
         if digest == entry["sha256"]:
             continue
         changed = [name for name, d in per_tensor.items()
@@ -108,4 +113,24 @@ def check_manifest(folder: Path, hashes: bool = True) -> list[str]:
             problems += [f"{file}: tensor {name!r} differs from its sha256 in {MANIFEST_NAME}" for name in changed]
         else:
             problems.append(f"{file}: sha256 differs from {MANIFEST_NAME} (header bytes changed)")
+    if hashes and not problems:
+        problems += _entries_not_as_written(path, manifest, computed)
     return problems
+
+
+def _entries_not_as_written(path: Path, manifest: dict, computed: dict) -> list[str]:
+    """With every file matching, the manifest itself must be exactly what write_manifest writes for them: a
+    changed per-tensor digest, version or byte of layout is damage too, even where it cannot hide a change."""
+    tensors = {name: {"file": rel, "sha256": d} for rel, (_, _, per) in computed.items() for name, d in per.items()}
+    listed = manifest["tensors"]
+    wrong = sorted(n for n in set(tensors) | set(listed) if listed.get(n) != tensors.get(n))
+    if wrong:
+        return [f"{path}: the entry of tensor {n!r} is not its sha256 in {listed.get(n, {}).get('file', 'any file')}"
+                if isinstance(listed.get(n), dict) else f"{path}: the entry of tensor {n!r} is not its sha256"
+                for n in wrong]
+    expected = {"format_version": FORMAT_VERSION, "tensors": tensors,
+                "files": {rel: {"bytes": b, "sha256": d} for rel, (b, d, _) in computed.items()}}
+    if path.read_text(errors="replace") != _manifest_text(expected):
+        return [f"{path}: not as bonsai-quant writes it for these files (format_version {FORMAT_VERSION}, sorted "
+                "keys, two-space indent); it was edited"]
+    return []
