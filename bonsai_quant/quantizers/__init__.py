@@ -10,6 +10,8 @@ Data-free solvers see the weights only. Calibrated solvers also take the layer's
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -49,15 +51,20 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
     group_solver = _group_solver(mode, solver, stats, name, in_features, group_size, scale_dtype)
     codes = torch.empty(out_features, in_features, dtype=torch.int8)
     scales = torch.empty(out_features, in_features // group_size, dtype=scale_dtype)
-    err2 = ref2 = 0.0
     chunk = ROWS_PER_CHUNK
     hessian = getattr(stats, "hessian", None) if solver == "gptq" else None
     if hessian is not None and hessian.is_cuda:
         chunk = out_features  # one pass over the columns: on a GPU its per-column kernel launches dominate
-    for start in range(0, out_features, chunk):
+
+    def one_chunk(start: int) -> tuple[float, float]:
         rows = weight[start:start + chunk].float()
-        check_finite(rows, name, start)
         groups = rows.reshape(-1, group_size)
+        # Per-group norms: one fused pass, and each group's sum has a fixed order, so the reported error does
+        # not depend on the thread count. A non-finite norm is how a NaN or Inf weight shows itself cheaply.
+        ref = torch.linalg.vector_norm(groups, dim=-1)
+        if not bool(torch.isfinite(ref).all()):
+            check_finite(rows, name, start)
+            ref = torch.linalg.vector_norm(groups.double(), dim=-1)  # finite, but too large to square in fp32
         c, s = group_solver(rows, groups)
         s16 = s.to(scale_dtype)
         if not torch.isfinite(s16).all():
@@ -65,9 +72,20 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
                               f"use scale_dtype: bfloat16 in the recipe")
         codes[start:start + len(rows)] = c.reshape(rows.shape)
         scales[start:start + len(rows)] = s16.reshape(len(rows), -1)
-        diff = groups - c.float() * s16.float()[:, None]
-        err2 += float(diff.double().square().sum())  # float64: the reported error must not depend on threads
-        ref2 += float(groups.double().square().sum())
+        err = torch.linalg.vector_norm(torch.addcmul(groups, c, s16.float()[:, None], value=-1), dim=-1)
+        # fsum is exact, so no summation order (threads) shows in the result
+        return math.fsum(err.double().square().tolist()), math.fsum(ref.double().square().tolist())
+
+    starts = range(0, out_features, chunk)
+    if solver in CALIBRATED_SOLVERS or len(starts) == 1:
+        parts = [one_chunk(start) for start in starts]
+    else:
+        # numpy's sort and much of the solvers run on one core: chunks side by side use them all. Results are
+        # taken in chunk order, so the sums and the first error raised are those of a sequential run.
+        with ThreadPoolExecutor(max_workers=min(len(starts), max(1, torch.get_num_threads()))) as pool:
+            parts = list(pool.map(one_chunk, starts))
+    err2 = math.fsum(p[0] for p in parts)
+    ref2 = math.fsum(p[1] for p in parts)
     rel = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
     if solver == "grid" and err2 > 0:
         raise BonsaiError(f"{name}: solver 'grid' needs weights already on a {mode} grid (each group of "

@@ -29,8 +29,8 @@ def quantize_groups(groups: torch.Tensor, solver: str) -> tuple[torch.Tensor, to
         scale = mag.amax(dim=-1)
     else:
         raise ValueError(f"ternary solver {solver!r}; valid: {', '.join(SOLVERS)}")
-    codes = torch.sign(groups).to(torch.int8) * support
-    return codes.to(torch.int8), scale
+    codes = torch.sign(groups).to(torch.int8).mul_(support)
+    return codes, scale
 
 
 def _optimal(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +39,9 @@ def _optimal(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # best support of size k. Sorting -|w| ascending gives the descending order without a reversed copy.
     # float32 sums: k's whose objectives differ by less than float32 resolution differ in error by far less
     # than the 16-bit rounding of the scale that follows.
-    ordered = torch.from_numpy(np.sort(np.negative(mag.numpy()), axis=-1))  # -|w|, largest magnitude first
+    ordered = np.negative(mag.numpy())
+    ordered.sort(axis=-1)  # in place: -|w|, largest magnitude first
+    ordered = torch.from_numpy(ordered)
     sums = ordered.cumsum(dim=-1)  # -S_k
     k = torch.arange(1, mag.shape[-1] + 1, dtype=torch.float32)
     best = (sums * sums / k).argmax(dim=-1, keepdim=True)  # first maximum: the smallest support wins ties
