@@ -18,6 +18,9 @@ import triton.language as tl
 
 GROUP = 128  # the K block every kernel walks; packs with another group size take the reference runtime
 
+# K is a compile-time constant of the matmuls (one build per layer width, five in klein): the K loop's trip
+# count is then known to the compiler, and Triton's interpreter cannot iterate over a run-time bound.
+
 
 @triton.jit
 def _decode(w_ptr, offs_k, offs_n, N, mask, ENC: tl.constexpr):
@@ -37,7 +40,7 @@ def _decode(w_ptr, offs_k, offs_n, N, mask, ENC: tl.constexpr):
 
 
 @triton.jit
-def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
                          ENC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr):
     pid_m = tl.program_id(1)
@@ -67,13 +70,14 @@ def _round_e4m3(v):
 
     The hardware conversion does this too; doing it here first means the conversion that follows is exact,
     so Triton's interpreter (whose fp8 cast mis-rounds across powers of two) computes the GPU's bits."""
-    a = tl.abs(v)
-    bits = a.to(tl.int32, bitcast=True)
+    vbits = v.to(tl.int32, bitcast=True)
+    bits = vbits & 0x7FFFFFFF
+    a = bits.to(tl.float32, bitcast=True)
     lsb = (bits >> 20) & 1
-    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # keep 3 mantissa bits
-    sub = (a + 16384.0) - 16384.0  # below 2**-6 the grid step is 2**-9 = the fp32 ulp of 2**14
+    normal = (bits + 0x7FFFF + lsb) & -1048576  # keep 3 mantissa bits
+    sub = ((a + 16384.0) - 16384.0).to(tl.int32, bitcast=True)  # below 2**-6 the step is 2**-9, fp32's at 2**14
     r = tl.where(a < 0.015625, sub, normal)
-    return tl.where(v < 0, -r, r)
+    return (r | (vbits & -2147483648)).to(tl.float32, bitcast=True)  # the sign, zeros included
 
 
 @triton.jit
@@ -98,7 +102,7 @@ def quantize_e4m3_kernel(x_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_sm, strid
 
 
 @triton.jit
-def packed_fp8_matmul_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_sm, stride_sg, stride_ym,
+def packed_fp8_matmul_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_sm, stride_sg, stride_ym,
                              ENC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              GROUP_M: tl.constexpr):
     # Grouped launch order: GROUP_M row tiles share each column tile's codes while they sit in L2.
