@@ -35,7 +35,7 @@ def fp8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> to
     qf = q.float()
     cf = codes.float()
     sw = scales.float()
-    y = torch.zeros(x.shape[0], codes.shape[0])
+    y = torch.zeros(x.shape[0], codes.shape[0], device=x.device)
     for g in range(x.shape[1] // GROUP):
         k = slice(g * GROUP, (g + 1) * GROUP)
         y += (qf[:, k] @ cf[:, k].t()) * sx[:, g, None] * sw[None, :, g]

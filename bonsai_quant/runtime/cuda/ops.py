@@ -53,13 +53,11 @@ def _pick(key: tuple, candidates: list[dict], launch) -> None:
 def _matmul_candidates(m: int) -> list[dict]:
     if m <= 16:
         return [dict(BLOCK_M=16, BLOCK_N=n, num_warps=w, num_stages=s)
-                for n, w, s in ((32, 4, 3), (16, 4, 4), (64, 4, 3), (32, 2, 4))]
+                for n, w, s in ((32, 4, 3), (16, 4, 4), (64, 4, 3))]
     if m <= 64:
-        return [dict(BLOCK_M=bm, BLOCK_N=n, num_warps=4, num_stages=3) for bm, n in ((m_bucket(m), 64),
-                                                                                     (m_bucket(m), 32),
-                                                                                     (m_bucket(m), 128))]
+        return [dict(BLOCK_M=m_bucket(m), BLOCK_N=n, num_warps=4, num_stages=3) for n in (64, 32)]
     return [dict(BLOCK_M=bm, BLOCK_N=n, num_warps=w, num_stages=s)
-            for bm, n, w, s in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 256, 8, 3))]
+            for bm, n, w, s in ((128, 128, 8, 3), (64, 128, 4, 3))]
 
 
 def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -98,7 +96,7 @@ def quantize_e4m3(x: torch.Tensor, column_major_scales: bool = False) -> tuple[t
 
 def _fp8_candidates() -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 128, 4, 4))]
+            for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4))]
 
 
 def packed_fp8_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype) -> torch.Tensor:
