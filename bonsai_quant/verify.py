@@ -7,6 +7,8 @@ Steps, in order, each naming the first thing that fails:
                re-quantization of the source under the recorded recipe, and kept tensors equal the source.
 3 runtimes     MLX: real `mx.dequantize` gives the decoded weights exactly and `QuantizedLinear` reproduces
                x @ W^T; gemlite: real GemLiteLinearTriton on a CUDA GPU, else skipped with the reason.
+3b cuda-runtime every layer of any pack format through the CUDA backend (runtime/cuda): codes read bit-exact,
+               the 16-bit and fp8 kernels within their own bounds; skipped with the reason without a GPU.
 4 end-to-end   the transformer forward from the pack through the reference runtime against diffusers with
                the decoded (fake-quantized) weights, in float32.
 5 mlx-e2e      the whole transformer forward in MLX from an MLX pack against the same float32 reference.
