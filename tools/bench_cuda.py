@@ -184,6 +184,7 @@ def section_layers(results: dict, save, modes, shapes, ms) -> None:
     rows = results.setdefault("layers", [])
     table = {"device": torch.cuda.get_device_name(), "source": "tools/bench_cuda.py", "shapes": {},
              "default": dispatch.FALLBACK}
+    results["crossover"] = table  # saved after every shape, so a cut-off run keeps what it measured
     for mode in modes:
         for name in shapes:
             n, k = SHAPES[name]
@@ -270,7 +271,6 @@ def section_layers(results: dict, save, modes, shapes, ms) -> None:
             del dense_copies, ours_copies, gl, hm
             torch.cuda.empty_cache()
             save()
-    results["crossover"] = table
 
 
 def build_dense(config: dict):
@@ -353,7 +353,8 @@ def time_step(model, kw, graphs: bool) -> dict:
     return out
 
 
-def section_step(results: dict, save, modes, image_tokens, text_tokens, graphs: bool) -> None:
+def section_step(results: dict, save, modes, image_tokens, text_tokens, graphs: bool,
+                 bf16act: bool) -> None:
     from bonsai_quant.flux2 import preset_config
     from bonsai_quant.runtime.cuda import layout
     from bonsai_quant.runtime.cuda.linear import CudaPackedLinear
@@ -429,6 +430,10 @@ def section_step(results: dict, save, modes, image_tokens, text_tokens, graphs: 
                 print(f"step {tok}: {vname} {mode} {json.dumps(r)[:600]}", flush=True)
                 save()
         # The 16-bit-activation path everywhere: what keeping all layers off fp8 costs, and its error.
+        if not bf16act:
+            del variants, ours, packed
+            torch.cuda.empty_cache()
+            continue
         for mod in ours.modules():
             if isinstance(mod, CudaPackedLinear):
                 mod.forced = "bf16"
@@ -466,6 +471,8 @@ def main() -> int:
     parser.add_argument("--image-tokens", default="1024,4096")
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--bf16act", action="store_true", help="also time the step with every layer on the "
+                        "16-bit-activation kernel")
     args = parser.parse_args()
 
     import triton
@@ -493,7 +500,7 @@ def main() -> int:
                 section_layers(results, save, modes, shapes, [int(m) for m in args.ms.split(",")])
             elif sec == "step":
                 section_step(results, save, modes, [int(t) for t in args.image_tokens.split(",")],
-                             args.text_tokens, not args.no_graphs)
+                             args.text_tokens, not args.no_graphs, args.bf16act)
         except Exception as e:
             results.setdefault("errors", []).append(f"section {sec}: {type(e).__name__}: {e}\n"
                                                     f"{traceback.format_exc()[-1500:]}")
