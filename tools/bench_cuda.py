@@ -268,7 +268,7 @@ def section_layers(results: dict, save, modes, shapes, ms) -> None:
                 table["shapes"].setdefault(f"{n},{k}", {})[mode] = dispatch.crossover_rows(timings)
             except ValueError as e:
                 results.setdefault("errors", []).append(f"crossover {mode} {name}: {e}")
-            del dense_copies, ours_copies, gl, hm
+            dense_copies = ours_copies = gl = hm = None
             torch.cuda.empty_cache()
             save()
 
