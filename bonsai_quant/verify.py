@@ -7,6 +7,8 @@ Steps, in order, each naming the first thing that fails:
                re-quantization of the source under the recorded recipe, and kept tensors equal the source.
 3 runtimes     MLX: real `mx.dequantize` gives the decoded weights exactly and `QuantizedLinear` reproduces
                x @ W^T; gemlite: real GemLiteLinearTriton on a CUDA GPU, else skipped with the reason.
+3b cuda-runtime every layer of any pack format through the CUDA backend (runtime/cuda): codes read bit-exact,
+               the 16-bit and fp8 kernels within their own bounds; skipped with the reason without a GPU.
 4 end-to-end   the transformer forward from the pack through the reference runtime against diffusers with
                the decoded (fake-quantized) weights, in float32.
 5 mlx-e2e      the whole transformer forward in MLX from an MLX pack against the same float32 reference.
@@ -50,6 +52,12 @@ MLX_E2E_BOUND = 1e-4
 MLX_LAYER_BOUND = 1e-5
 # gemlite with fp16 activations against float32: measured 2.9e-4 on an H100 on every klein-4b layer.
 GEMLITE_LAYER_BOUND = 1e-2
+# The CUDA backend (runtime/cuda) with bf16 activations against float32. Its codes are exact, so the error is
+# the activations' rounding: bf16 (16-bit kernel, M = 16) ~3e-3; e4m3 with 1x128 power-of-two scales (fp8
+# kernels, M = 256) 2.6e-2 measured on Gaussian inputs at klein shapes. Bounds leave 2-3x margin; one wrong
+# code group moves a layer's output by far more.
+CUDA_LAYER_BOUND_16BIT = 1e-2
+CUDA_LAYER_BOUND_FP8 = 6e-2
 
 
 @dataclass
@@ -376,6 +384,50 @@ class PackVerifier:
         step.data["max_rel_error"] = worst
         step.detail = f"gemlite ran {len(self.qconfig['quantized'])} layers; max rel error {worst:.1e} (bound {GEMLITE_LAYER_BOUND})"
 
+    def cuda_runtime(self, step: Step) -> None:
+        """Every quantized layer through the CUDA backend's kernels, read from this pack's own buffers."""
+        from .runtime.cuda import cuda_unavailable_reason
+        from .runtime.cuda.layout import codes_of, from_buffers
+        from .runtime.cuda.linear import CudaPackedLinear
+        from .runtime.packed_linear import LAYOUT_BUFFERS
+
+        reason = cuda_unavailable_reason("cuda")
+        if reason is not None:
+            step.status, step.detail = "skip", reason
+            return
+        reader, g = PackReader(self.folder), self.qconfig["group_size"]
+        if g != 128:
+            step.status, step.detail = "skip", f"the cuda backend runs group size 128, this pack has {g}"
+            return
+        gen = torch.Generator(device="cuda").manual_seed(self.seed)
+        worst = {}
+        kernels = set()
+        for module, info in self.qconfig["quantized"].items():
+            out_f, in_f = info["shape"]
+            buffers = {s: reader.get(f"{module}.{s}").cuda() for s in LAYOUT_BUFFERS[self.qconfig["format"]]}
+            w = from_buffers(self.qconfig["format"], buffers, in_f, out_f, info["bits"], g)
+            codes, scales = self.decode(module)
+            if not torch.equal(codes_of(w).cpu(), codes):
+                bad = (codes_of(w).cpu() != codes).nonzero()[0].tolist()
+                _fail(f"{module}: the cuda backend reads code {int(codes_of(w)[tuple(bad)])} at {bad}, the pack "
+                      f"decodes to {int(codes[tuple(bad)])}")
+            layer = CudaPackedLinear(w)
+            dense = dequantize(codes.cuda(), scales.cuda(), g)
+            for m, bound in ((16, CUDA_LAYER_BOUND_16BIT), (256, None)):
+                x = torch.randn(m, in_f, generator=gen, device="cuda").to(torch.bfloat16)
+                kernel = layer.kernel_for(m, x.dtype)
+                kernels.add(kernel)
+                limit = bound if kernel == "bf16" else CUDA_LAYER_BOUND_FP8
+                ref = x.float() @ dense.t()
+                err = float((layer(x).float() - ref).norm() / ref.norm())
+                _gate(err, limit, f"{module}: cuda backend ({kernel} kernel, M = {m}) differs from x @ W^T")
+                worst[kernel] = max(worst.get(kernel, 0.0), err)
+        step.data.update({f"max_rel_error_{k}": v for k, v in worst.items()})
+        step.detail = (f"cuda backend ran {len(self.qconfig['quantized'])} layers at M = 16 and 256 (kernels "
+                       f"{', '.join(sorted(kernels))}); codes read bit-exact; max rel error " +
+                       ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())) +
+                       f" (bounds: 16-bit {CUDA_LAYER_BOUND_16BIT}, fp8 {CUDA_LAYER_BOUND_FP8})")
+
     # -- steps 4 and 5 ------------------------------------------------------------------------------------
     def inputs(self) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
@@ -449,7 +501,8 @@ class PackVerifier:
             self.mlx_end_to_end(step, cache["inputs"], cache["reference"])
 
         for name, fn in (("integrity", self.integrity), ("exactness", self.exactness),
-                         ("runtime", self.real_runtime), ("end-to-end", e2e), ("mlx-end-to-end", mlx_e2e)):
+                         ("runtime", self.real_runtime), ("cuda-runtime", self.cuda_runtime), ("end-to-end", e2e),
+                         ("mlx-end-to-end", mlx_e2e)):
             step = Step(name)
             start = time.perf_counter()
             try:

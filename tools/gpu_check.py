@@ -143,10 +143,10 @@ def main() -> int:
               flush=True)
         for mode in modes:
             pack = args.work / f"{args.preset}-{mode}" / "gemlite"
-            ref32 = load_transformer(pack, dtype=torch.float32, device="cuda")
+            ref32 = load_transformer(pack, dtype=torch.float32, device="cuda", backend="reference")
             ref_out, ref32_s = step_time(ref32, kw32, repeats=1)
             del ref32
-            ref16 = load_transformer(pack, dtype=torch.bfloat16, device="cuda")
+            ref16 = load_transformer(pack, dtype=torch.bfloat16, device="cuda", backend="reference")
             ref16_out, ref16_s = step_time(ref16, kw16)
             swapped = use_gemlite(ref16, pack)
             gl_out, gl_s = step_time(ref16, kw16)

@@ -12,6 +12,7 @@ from ..errors import PackError
 from ..flux2 import model_kwargs
 from ..pack_check import INDEX_NAME, WEIGHTS_NAME, open_pack
 from ..shards import read_json
+from .cuda.backend import apply_backend, choose_backend
 from .packed_linear import LAYOUT_BUFFERS, PackedLinear
 
 TARGET_PREFERENCE = ("mlx", "gemlite", "bonsai")
@@ -69,14 +70,18 @@ class PackReader:
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     target: str | None = None):
+                     target: str | None = None, backend: str | None = None):
     """The pack as a ready-to-run `Flux2Transformer2DModel`; kept tensors in `dtype`, low-bit layers packed.
+
+    `backend` picks the runtime of the low-bit layers (`cuda.BACKENDS`): "reference" (torch, any device),
+    "gemlite", or "cuda" (this package's Triton kernels); by default "cuda" where it runs on `device`.
 
     The pack's structure is checked against its config.json before anything is built (`pack_check.open_pack`);
     its sha256 are `verify`'s to check."""
     from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
+    backend = choose_backend(backend, device)
     folder = resolve_pack(Path(path), target)
     pack = open_pack(folder)
     qconfig, layout = pack.qconfig, pack.format
@@ -92,4 +97,4 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     kept = {name: reader.get(name).to(device=device, dtype=dtype) for name in qconfig["kept"]}
     model.load_state_dict(kept, strict=False, assign=True)
     model.register_to_config(_name_or_path=str(folder))
-    return model.eval()
+    return apply_backend(model, folder, backend).eval()

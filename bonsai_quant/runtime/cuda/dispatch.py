@@ -1,0 +1,86 @@
+"""Which kernel runs a layer at a given M: the crossover table `tools/bench_cuda.py` measured, stored here.
+
+A table maps "out,in" shapes and a mode to [[m_max, kernel], ...] in increasing m_max (null = no bound): the
+first entry with M <= m_max wins. Shapes the table has not measured take its "default" row.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+KERNELS = ("bf16", "fp8", "fp8_scaled_mm")
+FALLBACK = [[64, "bf16"], [None, "fp8"]]
+TABLE_NAME = "crossover.json"
+
+
+def check_rows(rows, where: str) -> list:
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{where}: expected a non-empty list of [m_max, kernel], got {rows!r}")
+    last = 0
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 2 and row[1] in KERNELS):
+            raise ValueError(f"{where}[{i}]: expected [m_max, one of {', '.join(KERNELS)}], got {row!r}")
+        m_max = row[0]
+        if m_max is None:
+            if i != len(rows) - 1:
+                raise ValueError(f"{where}[{i}]: only the last row may have no bound (null)")
+        elif not isinstance(m_max, int) or isinstance(m_max, bool) or m_max <= last:
+            raise ValueError(f"{where}[{i}]: m_max must be an int above {last}, got {m_max!r}")
+        else:
+            last = m_max
+    if rows[-1][0] is not None:
+        raise ValueError(f"{where}: the last row must have m_max null so every M has a kernel")
+    return rows
+
+
+def pick(rows: list, m: int) -> str:
+    for m_max, kernel in rows:
+        if m_max is None or m <= m_max:
+            return kernel
+    raise AssertionError("check_rows guarantees an unbounded last row")
+
+
+def crossover_rows(timings: dict[int, dict[str, float]]) -> list:
+    """[[m_max, kernel], ...] from {M: {kernel: ms}}: the fastest kernel at each measured M covers the Ms up to
+    it; runs of one kernel merge; past the largest M the last winner holds."""
+    rows: list = []
+    for m in sorted(timings):
+        ok = {k: t for k, t in timings[m].items() if k in KERNELS and t is not None}
+        if not ok:
+            continue
+        best = min(ok, key=ok.get)
+        if rows and rows[-1][1] == best:
+            rows[-1][0] = m
+        else:
+            rows.append([m, best])
+    if not rows:
+        raise ValueError("no kernel timings to build a crossover table from")
+    rows[-1][0] = None
+    return rows
+
+
+class Table:
+    def __init__(self, data: dict):
+        self.default = check_rows(data.get("default", FALLBACK), "default")
+        self.shapes = {}
+        for shape, modes in data.get("shapes", {}).items():
+            for mode, rows in modes.items():
+                self.shapes[(shape, mode)] = check_rows(rows, f"shapes[{shape!r}][{mode!r}]")
+
+    def rows(self, out_features: int, in_features: int, mode: str) -> list:
+        return self.shapes.get((f"{out_features},{in_features}", mode), self.default)
+
+    def kernel(self, out_features: int, in_features: int, mode: str, m: int) -> str:
+        return pick(self.rows(out_features, in_features, mode), m)
+
+
+@lru_cache(maxsize=1)
+def measured_table() -> Table:
+    """The packaged table, or the fallback rule (16-bit kernel to M = 64, fused fp8 above) where none is."""
+    try:
+        text = resources.files(__package__).joinpath(TABLE_NAME).read_text()
+    except FileNotFoundError:
+        return Table({})
+    return Table(json.loads(text))

@@ -1,0 +1,145 @@
+"""Triton kernels of the CUDA backend: packed-code matmuls, e4m3 activation quantization, code expansion.
+
+Every kernel reads the resident layout of `layout.PackedWeights` (codes[k_byte, n], scales[group, n]) and
+walks K one 128-wide group at a time, so the weight scale of a group multiplies an exact partial sum:
+
+- `packed_matmul`: 16-bit (or fp32) activations x decoded {-1, 0, +1} codes, fp32 accumulation; the small-M
+  path (a GEMV for M <= 16 rows of tiles) and the bf16-activation path at any M.
+- `quantize_e4m3`: activations to e4m3 with one power-of-two scale per (token, 128 channels).
+- `packed_fp8_matmul`: e4m3 activations x codes decoded to e4m3 inside the K loop (no expanded copy), one
+  fp8 tensor-core product per 128-wide block promoted to fp32 with weight scale x activation scale.
+- `expand_e4m3`: codes -> e4m3 [out, in] in a scratch buffer, for `torch._scaled_mm`'s blockwise path.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+GROUP = 128  # the K block every kernel walks; packs with another group size take the reference runtime
+
+# K is a compile-time constant of the matmuls (one build per layer width, five in klein): the K loop's trip
+# count is then known to the compiler, and Triton's interpreter cannot iterate over a run-time bound.
+
+
+@triton.jit
+def _decode(w_ptr, offs_k, offs_n, N, mask, ENC: tl.constexpr):
+    """int32 codes in {-1, 0, +1} of a [len(offs_k), len(offs_n)] tile."""
+    if ENC == 1:
+        b = tl.load(w_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
+        c = ((b >> (offs_k[:, None] % 8)) & 1) * 2 - 1
+    elif ENC == 2:
+        b = tl.load(w_ptr + (offs_k[:, None] // 4) * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
+        c = ((b >> ((offs_k[:, None] % 4) * 2)) & 3) - 1
+    else:
+        b = tl.load(w_ptr + (offs_k[:, None] // 5) * N + offs_n[None, :], mask=mask, other=0).to(tl.int32)
+        d = offs_k[:, None] % 5
+        p = tl.where(d == 0, 1, tl.where(d == 1, 3, tl.where(d == 2, 9, tl.where(d == 3, 27, 81))))
+        c = (b // p) % 3 - 1
+    return c
+
+
+@triton.jit
+def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+                         ENC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IEEE: tl.constexpr):
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // 128):
+        offs_k = g * 128 + tl.arange(0, 128)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        c = _decode(w_ptr, offs_k, offs_n, N, mask_n[None, :], ENC)
+        if IEEE:
+            part = tl.dot(x, c.to(x.dtype), input_precision="ieee")
+        else:
+            part = tl.dot(x, c.to(x.dtype))
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to nearest-even on the e4m3 grid, as fp32.
+
+    The hardware conversion does this too; doing it here first means the conversion that follows is exact,
+    so Triton's interpreter (whose fp8 cast mis-rounds across powers of two) computes the GPU's bits."""
+    vbits = v.to(tl.int32, bitcast=True)
+    bits = vbits & 0x7FFFFFFF
+    a = bits.to(tl.float32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = (bits + 0x7FFFF + lsb) & -1048576  # keep 3 mantissa bits
+    sub = ((a + 16384.0) - 16384.0).to(tl.int32, bitcast=True)  # below 2**-6 the step is 2**-9, fp32's at 2**14
+    r = tl.where(a < 0.015625, sub, normal)
+    return (r | (vbits & -2147483648)).to(tl.float32, bitcast=True)  # the sign, zeros included
+
+
+@triton.jit
+def quantize_e4m3_kernel(x_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_sm, stride_sg, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = g * 128 + tl.arange(0, 128)
+    mask = offs_m[:, None] < M
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    # Smallest power of two p with amax / p <= 448 = 1.75 * 2**8: from amax's exponent and mantissa.
+    abits = amax.to(tl.int32, bitcast=True)
+    e = ((abits >> 23) & 0xFF) - 127 - 8 + ((abits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    e = tl.where(amax > 0, tl.maximum(e, -126), 0)
+    e = tl.minimum(e, 126)
+    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    q = _round_e4m3(x * inv[:, None])
+    tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.float8e4nv), mask=mask)
+    tl.store(sx_ptr + offs_m * stride_sm + g * stride_sg, scale, mask=offs_m < M)
+
+
+@triton.jit
+def packed_fp8_matmul_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_sm, stride_sg, stride_ym,
+                             ENC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+    # Grouped launch order: GROUP_M row tiles share each column tile's codes while they sit in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // 128):
+        offs_k = g * 128 + tl.arange(0, 128)
+        a = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        c = _decode(w_ptr, offs_k, offs_n, N, mask_n[None, :], ENC)
+        part = tl.dot(a, c.to(tl.float32).to(tl.float8e4nv), out_dtype=tl.float32)
+        sa = tl.load(sx_ptr + offs_m * stride_sm + g * stride_sg, mask=mask_m, other=0.0)
+        sw = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * sa[:, None] * sw[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def expand_e4m3_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = g * 128 + tl.arange(0, 128)
+    mask_n = offs_n < N
+    c = _decode(w_ptr, offs_k, offs_n, N, mask_n[None, :], ENC)  # [128, BLOCK_N]
+    tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], c.to(tl.float32).to(tl.float8e4nv),
+             mask=mask_n[None, :])
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(sw_ptr + g * N + offs_n, s, mask=mask_n)

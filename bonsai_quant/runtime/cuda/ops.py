@@ -1,0 +1,172 @@
+"""Launchers for the kernels, with per-shape tile choice measured once on the device and cached.
+
+On a GPU each (kernel, shape, M bucket) times its candidate tiles on first use (outside CUDA-graph capture)
+and keeps the fastest; under Triton's interpreter (CPU tests) the first candidate runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import kernels as K
+from .layout import ENCODINGS, PackedWeights
+
+_BEST: dict[tuple, dict] = {}
+_SCALED_MM_LAYOUT: dict[str, int] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def m_bucket(m: int) -> int:
+    b = 1
+    while b < m and b < 8192:
+        b *= 2
+    return b
+
+
+def _pick(key: tuple, candidates: list[dict], launch) -> None:
+    """Run `launch(**config)` with the tuned config for `key`, tuning first where that is possible."""
+    best = _BEST.get(key)
+    if best is None:
+        if interpreting() or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+            best = candidates[0]
+        else:
+            import triton.testing
+
+            timed = []
+            for cfg in candidates:
+                try:
+                    timed.append((triton.testing.do_bench(lambda: launch(**cfg), warmup=3, rep=15), cfg))
+                except Exception:  # a tile that does not fit this device's shared memory: skip it
+                    continue
+            if not timed:
+                raise RuntimeError(f"no kernel configuration runs for {key}")
+            best = min(timed, key=lambda t: t[0])[1]
+        _BEST[key] = best
+    launch(**best)
+
+
+def _matmul_candidates(m: int) -> list[dict]:
+    if m <= 16:
+        return [dict(BLOCK_M=16, BLOCK_N=n, num_warps=w, num_stages=s)
+                for n, w, s in ((32, 4, 3), (16, 4, 4), (64, 4, 3))]
+    if m <= 64:
+        return [dict(BLOCK_M=m_bucket(m), BLOCK_N=n, num_warps=4, num_stages=3) for n in (64, 32)]
+    return [dict(BLOCK_M=bm, BLOCK_N=n, num_warps=w, num_stages=s)
+            for bm, n, w, s in ((128, 128, 8, 3), (64, 128, 4, 3))]
+
+
+def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ (codes * s)^T with 16-bit or fp32 activations (fp32 runs exact-fp32 products)."""
+    m = x.shape[0]
+    y = torch.empty(m, w.out_features, dtype=out_dtype or x.dtype, device=x.device)
+    enc = ENCODINGS[w.encoding]
+    ieee = x.dtype == torch.float32
+
+    def launch(BLOCK_M, BLOCK_N, num_warps, num_stages):
+        grid = (-(-w.out_features // BLOCK_N), -(-m // BLOCK_M))
+        K.packed_matmul_kernel[grid](x, w.codes, w.scales, y, m, w.out_features, w.in_features, x.stride(0),
+                                     y.stride(0), ENC=enc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=ieee,
+                                     num_warps=num_warps, num_stages=num_stages)
+
+    cands = _matmul_candidates(m)
+    if ieee:
+        cands = [dict(c, BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64)) for c in cands]
+    _pick(("mm", w.out_features, w.in_features, m_bucket(m), enc, x.dtype), cands, launch)
+    return y
+
+
+def quantize_e4m3(x: torch.Tensor, column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 power-of-two scales [M, K/128]); x = q * scale per 128 channels."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    if column_major_scales:  # the layout torch._scaled_mm's blockwise path asks for
+        sx = torch.empty(k // K.GROUP, m, dtype=torch.float32, device=x.device).t()
+    else:
+        sx = torch.empty(m, k // K.GROUP, dtype=torch.float32, device=x.device)
+    block_m = 16 if interpreting() else 32
+    K.quantize_e4m3_kernel[(-(-m // block_m), k // K.GROUP)](x, q, sx, m, k, x.stride(0), sx.stride(0),
+                                                              sx.stride(1), BLOCK_M=block_m, num_warps=4)
+    return q, sx
+
+
+def _fp8_candidates() -> list[dict]:
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4))]
+
+
+def packed_fp8_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x @ (codes * s)^T with x rounded to e4m3 per (token, 128 channels); codes decoded in the K loop."""
+    q, sx = quantize_e4m3(x)
+    m = x.shape[0]
+    y = torch.empty(m, w.out_features, dtype=out_dtype, device=x.device)
+    enc = ENCODINGS[w.encoding]
+
+    def launch(BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages):
+        grid = (-(-m // BLOCK_M) * -(-w.out_features // BLOCK_N),)
+        K.packed_fp8_matmul_kernel[grid](q, sx, w.codes, w.scales, y, m, w.out_features, w.in_features,
+                                         sx.stride(0), sx.stride(1), y.stride(0), ENC=enc, BLOCK_M=BLOCK_M,
+                                         BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, num_warps=num_warps,
+                                         num_stages=num_stages)
+
+    cands = _fp8_candidates()
+    if interpreting():
+        cands = [dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=1)]
+    _pick(("fp8", w.out_features, w.in_features, m_bucket(m), enc), cands, launch)
+    return y
+
+
+class Scratch:
+    """One e4m3 weight buffer (and its fp32 scales) per device, reused by every layer in turn."""
+
+    _buffers: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        codes, scales = cls._buffers.get(key, (None, None))
+        if codes is None or codes.numel() < n * k or scales.numel() < n * (k // K.GROUP):
+            size = max(n * k, 0 if codes is None else codes.numel())
+            ssize = max(n * (k // K.GROUP), 0 if scales is None else scales.numel())
+            codes = torch.empty(size, dtype=torch.float8_e4m3fn, device=device)
+            scales = torch.empty(ssize, dtype=torch.float32, device=device)
+            cls._buffers[key] = (codes, scales)
+        return codes[:n * k].view(n, k), scales[:n * (k // K.GROUP)].view(k // K.GROUP, n)
+
+    @classmethod
+    def nbytes(cls) -> int:
+        return sum(c.numel() + 4 * s.numel() for c, s in cls._buffers.values())
+
+
+def expand_e4m3(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes as e4m3 [out, in] and scales as fp32 [in/128, out], written into the shared scratch buffer."""
+    codes, scales = Scratch.get(w.codes.device, w.out_features, w.in_features)
+    block_n = 32 if interpreting() else 64
+    K.expand_e4m3_kernel[(-(-w.out_features // block_n), w.in_features // K.GROUP)](
+        w.codes, w.scales, codes, scales, w.out_features, w.in_features, ENC=ENCODINGS[w.encoding],
+        BLOCK_N=block_n, num_warps=4)
+    return codes, scales
+
+
+def scaled_mm_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype) -> torch.Tensor:
+    """Expanded codes through `torch._scaled_mm` with 1x128 block scales on both operands."""
+    q, sx = quantize_e4m3(x, column_major_scales=True)
+    codes, scales = expand_e4m3(w)
+    # Which scale_b layout this torch accepts is found once (builds differ), then reused.
+    variants = (lambda s: s, lambda s: s.t().contiguous().t())
+    which = _SCALED_MM_LAYOUT.get("b")
+    order = [which] if which is not None else range(len(variants))
+    last = None
+    for i in order:
+        try:
+            y = torch._scaled_mm(q, codes.t(), scale_a=sx, scale_b=variants[i](scales), out_dtype=out_dtype)
+        except RuntimeError as e:
+            last = e
+            continue
+        _SCALED_MM_LAYOUT["b"] = i
+        return y
+    raise RuntimeError(f"torch._scaled_mm refuses 1x128 block scales here: {last}")

@@ -1,0 +1,213 @@
+"""The CUDA backend on CPU: its Triton kernels under Triton's interpreter, their layout, dispatch and selection.
+
+The interpreter runs the kernels' own code with numpy. Two of its gaps shape these tests: its dot product of
+bfloat16 operands multiplies the raw 16-bit patterns (so the 16-bit kernel is checked with float16 and
+float32 activations; bf16 is the same code with another dtype), and its float32 -> e4m3 cast mis-rounds near
+powers of two (the quantize kernel rounds on the e4m3 grid itself before casting, so it is compared bit for bit
+with torch's cast). The GPU run of tools/bench_cuda.py checks the compiled kernels against the same oracles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels module is first imported
+pytest.importorskip("triton")
+
+from bonsai_quant.convert import convert  # noqa: E402
+from bonsai_quant.errors import BonsaiError  # noqa: E402
+from bonsai_quant.packing import bonsai, gemlite, mlx  # noqa: E402
+from bonsai_quant.recipe import default_recipe  # noqa: E402
+from bonsai_quant.runtime import load_transformer  # noqa: E402
+from bonsai_quant.runtime.cuda import choose_backend, dispatch, emulate, layout, ops  # noqa: E402
+from bonsai_quant.runtime.cuda.linear import CudaPackedLinear  # noqa: E402
+from bonsai_quant.runtime.packed_linear import LAYOUT_BUFFERS, PackedLinear  # noqa: E402
+from tests.pack_helpers import make_codes  # noqa: E402
+
+PACKERS = {"mlx": mlx, "gemlite": gemlite, "bonsai": bonsai}
+CASES = [(fmt, mode) for fmt in PACKERS for mode in ("binary", "ternary")]
+BITS = {"binary": 1, "ternary": 2}
+
+
+def _scales(out: int, groups: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.rand(out, groups, generator=g) + 0.25) * 10.0 ** torch.randint(-3, 2, (out, groups),
+                                                                               generator=g)).to(dtype)
+
+
+def _weights(fmt: str, mode: str, out: int = 48, inn: int = 384, seed: int = 0):
+    codes = make_codes(mode, out, inn, ramp=False, seed=seed)
+    scales = _scales(out, inn // 128, seed)
+    tensors = PACKERS[fmt].pack(codes, scales, mode, 128)
+    buffers = {s: tensors[s] for s in LAYOUT_BUFFERS[fmt]}
+    w = layout.from_buffers(fmt, buffers, inn, out, BITS[mode], 128)
+    return codes, scales, tensors, w
+
+
+@pytest.mark.parametrize("fmt,mode", CASES)
+def test_every_pack_format_decodes_to_its_codes_and_scales(fmt, mode):
+    codes, scales, tensors, w = _weights(fmt, mode)
+    want = {"mlx": "bits1" if mode == "binary" else "bits2", "gemlite": "bits1" if mode == "binary" else "bits2",
+            "bonsai": "bits1" if mode == "binary" else "trits"}[fmt]
+    assert w.encoding == want
+    assert torch.equal(layout.codes_of(w), codes)
+    assert torch.equal(w.scales.t().view(torch.int16), scales.view(torch.int16))
+    # Resident bytes: never more than the pack's (binary drops MLX's and gemlite's second scale tensor).
+    pack_bytes = sum(tensors[s].numel() * tensors[s].element_size() for s in LAYOUT_BUFFERS[fmt])
+    assert w.nbytes <= pack_bytes
+    code_bytes = {"bits1": 384 // 8, "bits2": 384 // 4, "trits": -(-384 // 5)}[want] * 48
+    assert w.nbytes == code_bytes + scales.numel() * 2
+    # The same weights built straight from codes have the same bytes.
+    direct = layout.from_codes(codes, scales, want, 128)
+    assert torch.equal(direct.codes, w.codes) and torch.equal(direct.scales, w.scales)
+
+
+@pytest.mark.parametrize("encoding", ["bits1", "bits2", "trits"])
+def test_expand_kernel_reads_the_packed_codes_bit_exact(encoding):
+    mode = "binary" if encoding == "bits1" else "ternary"
+    codes = make_codes(mode, 40, 384, ramp=True, seed=0)
+    scales = _scales(40, 3, 1)
+    w = layout.from_codes(codes, scales, encoding, 128)
+    e4m3, s32 = ops.expand_e4m3(w)
+    assert torch.equal(e4m3.float(), codes.float())
+    assert torch.equal(s32, scales.t().float())
+
+
+@pytest.mark.parametrize("encoding", ["bits1", "bits2", "trits"])
+def test_16_bit_kernel_matches_the_dense_product(encoding):
+    mode = "binary" if encoding == "bits1" else "ternary"
+    codes = make_codes(mode, 72, 384, ramp=False, seed=3)
+    scales = _scales(72, 3, 4)
+    w = layout.from_codes(codes, scales, encoding, 128)
+    x = torch.randn(19, 384, generator=torch.Generator().manual_seed(5))
+    ref = x.double() @ layout.dense_of(w, torch.float64).t()
+    y32 = ops.packed_matmul(x, w)  # fp32 activations: ieee products, only the summation order differs
+    assert y32.dtype == torch.float32
+    assert float((y32.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    y16 = ops.packed_matmul(x.half(), w)  # exact fp16 products summed in fp32: the fp16 output rounding
+    ref16 = x.half().double() @ layout.dense_of(w, torch.float64).t()
+    assert y16.dtype == torch.float16
+    assert float(((y16.double() - ref16).abs() / ref16.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
+
+
+def test_quantize_kernel_equals_the_torch_emulation_bit_for_bit():
+    m, k = 37, 512
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-30, 30, m, base=2)[:, None]
+    x[3, :128] = 0.0                          # an all-zero block: scale 1, codes 0
+    x[5, 128:256] *= 2.0 ** -12               # values on e4m3's subnormal grid
+    x[6, :128] = torch.linspace(-448, 448, 128)
+    x[7, :128] = 1.75 * 2.0 ** torch.arange(128).remainder(9)  # amax exactly 1.75 * 2**8: scale 1
+    x[8, 2] = 7.9                              # rounds up across a power of two (the interpreter's own cast fails)
+    q, sx = ops.quantize_e4m3(x)
+    q_ref, sx_ref = emulate.quantize_e4m3(x)
+    assert torch.equal(sx, sx_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert float(sx[7, 0]) == 1.0 and float(sx[3, 0]) == 1.0
+    # Every block's largest value lands in [224, 448] (amax just above 224 may round to it): no saturation.
+    top = q.float().view(m, -1, 128).abs().amax(-1)
+    nonzero = top > 0
+    assert bool(((top[nonzero] >= 224) & (top[nonzero] <= 448)).all())
+    # Column-major scales (torch._scaled_mm's layout) hold the same values.
+    q2, sx2 = ops.quantize_e4m3(x, column_major_scales=True)
+    assert sx2.stride() == (1, m) and torch.equal(sx2, sx) and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("encoding", ["bits1", "trits"])
+def test_fp8_kernel_follows_the_block_scale_order_of_the_emulation(encoding):
+    mode = "binary" if encoding == "bits1" else "ternary"
+    codes = make_codes(mode, 64, 512, ramp=False, seed=7)
+    scales = _scales(64, 4, 8)
+    w = layout.from_codes(codes, scales, encoding, 128)
+    x = torch.randn(33, 512, generator=torch.Generator().manual_seed(9))
+    y = ops.packed_fp8_matmul(x, w, torch.float32)
+    emu = emulate.fp8_matmul(x, codes, scales)
+    # Same e4m3 inputs, same per-block fp32 promotion; only the order of the 128 fp32 adds inside a block
+    # differs, so the two agree to float32 resolution.
+    assert float((y - emu).abs().max() / emu.abs().max()) < 1e-6
+    ref = x.double() @ layout.dense_of(w, torch.float64).t()
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert 5e-3 < err < 4e-2  # e4m3 activations: ~2.5e-2 on Gaussian inputs (not exact, not broken)
+
+
+def test_crossover_rows_pick_the_fastest_kernel_per_m():
+    rows = dispatch.crossover_rows({1: {"bf16": 1.0, "fp8": 2.0}, 16: {"bf16": 1.0, "fp8": 1.5},
+                                    256: {"bf16": 3.0, "fp8": 2.0, "fp8_scaled_mm": 2.5},
+                                    4096: {"bf16": 9.0, "fp8": 5.0, "fp8_scaled_mm": 4.0}})
+    assert rows == [[16, "bf16"], [256, "fp8"], [None, "fp8_scaled_mm"]]
+    assert [dispatch.pick(rows, m) for m in (1, 16, 17, 256, 257, 100000)] == \
+        ["bf16", "bf16", "fp8", "fp8", "fp8_scaled_mm", "fp8_scaled_mm"]
+    table = dispatch.Table({"shapes": {"96,384": {"binary": rows}}})
+    assert table.kernel(96, 384, "binary", 300) == "fp8_scaled_mm"
+    assert table.kernel(96, 384, "ternary", 300) == "fp8"  # unmeasured: the default rule
+    assert table.kernel(96, 384, "ternary", 64) == "bf16"
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([], "non-empty list"),
+    ([[16, "bf16"]], "last row must have m_max null"),
+    ([[None, "bf16"], [16, "fp8"]], "only the last row"),
+    ([[16, "bf16"], [8, "fp8"], [None, "fp8"]], "m_max must be an int above 16"),
+    ([[16, "int4"], [None, "fp8"]], "one of bf16, fp8, fp8_scaled_mm"),
+])
+def test_a_malformed_crossover_table_is_named(rows, message):
+    with pytest.raises(ValueError, match=message):
+        dispatch.Table({"shapes": {"96,384": {"binary": rows}}})
+
+
+def test_the_packaged_table_is_valid_and_covers_every_m():
+    table = dispatch.measured_table()
+    for m in (1, 16, 64, 65, 1024, 4096, 10**6):
+        assert table.kernel(3072, 3072, "binary", m) in dispatch.KERNELS
+
+
+def test_backend_names_and_devices_are_checked():
+    with pytest.raises(BonsaiError, match="unknown backend 'triton'; valid: reference, gemlite, cuda"):
+        choose_backend("triton", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BonsaiError, match="cuda backend runs on a CUDA device, and the model is on cpu"):
+            choose_backend("cuda", "cpu")
+        assert choose_backend(None, "cpu") == "reference"
+    assert choose_backend("reference", "cpu") == "reference"
+
+
+@pytest.fixture(scope="module")
+def tiny_packs(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda") / "binary"
+    convert(tiny_ckpt, default_recipe("binary"), out, targets=("mlx", "bonsai"), verbose=False)
+    return out
+
+
+def test_load_transformer_refuses_a_bad_backend_before_reading(tiny_packs):
+    with pytest.raises(BonsaiError, match="unknown backend 'fast'"):
+        load_transformer(tiny_packs / "does-not-exist", backend="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(BonsaiError, match="use backend='reference'"):
+            load_transformer(tiny_packs, backend="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "bonsai"])
+def test_a_whole_model_through_the_kernels_matches_the_reference_runtime(tiny_packs, fmt):
+    model = load_transformer(tiny_packs / fmt, backend="reference")
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    kwargs = dict(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
+                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(8, 4),
+                  return_dict=False)
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+        swapped = 0
+        for name, module in list(model.named_modules()):
+            if isinstance(module, PackedLinear):
+                buffers = {n: getattr(module, n) for n in module._names}
+                w = layout.from_buffers(module.layout, buffers, module.in_features, module.out_features,
+                                        module.bits, module.group_size)
+                model.set_submodule(name, CudaPackedLinear(w))
+                swapped += 1
+        got = model(**kwargs)[0]
+    assert swapped == len([m for m in model.modules() if isinstance(m, CudaPackedLinear)]) > 0
+    assert float((got - ref).norm() / ref.norm()) < 1e-5  # fp32 both ways: summation order only
