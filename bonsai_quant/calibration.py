@@ -215,7 +215,8 @@ def digits_text_encoder(model_path: Path, config: dict):
     return encoder if encoder.dim == config.get("joint_attention_dim") else None
 
 
-def qwen3_text_encoder(path: Path, device: str, max_tokens: int = MAX_TEXT_TOKENS) -> Callable[[list[str]], torch.Tensor]:
+def qwen3_text_encoder(path: Path, device: str,
+                       max_tokens: int = MAX_TEXT_TOKENS) -> Callable[[list[str]], torch.Tensor]:
     """klein's text conditioning: Qwen3 hidden states of layers 9, 18 and 27, stacked per token (diffusers'
     Flux2KleinPipeline._get_qwen3_prompt_embeds, called as is). `path`: a klein pipeline folder (its
     text_encoder/ and tokenizer/) or a Qwen3 folder holding its tokenizer."""

@@ -104,7 +104,8 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
 
 def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 verbose: bool = False, calib=None, calib_device: str = "cpu", extra_config: dict | None = None) -> dict:
+                 verbose: bool = False, calib=None, calib_device: str = "cpu",
+                 extra_config: dict | None = None) -> dict:
     """The work of `convert` inside an existing (temporary) folder: packs and report.json.
 
     `extra_config`: more top-level keys for quantization_config.json (distill records its training there)."""
@@ -225,7 +226,8 @@ def format_summary(report: dict, out: Path) -> str:
     lines = [f"wrote {out}",
              f"  tensors: {report['tensors_quantized']} quantized ({report['quantized_weights']:,} weights), "
              f"{report['tensors_kept']} kept; source {report['source']['bytes'] / 1e9:.3f} GB",
-             f"  mean relative error {report['mean_rel_error']:.4f} (weighted by size {report['weighted_rel_error']:.4f})"]
+             f"  mean relative error {report['mean_rel_error']:.4f} "
+             f"(weighted by size {report['weighted_rel_error']:.4f})"]
     for target, t in report["targets"].items():
         lines.append(f"  {target:<8} {t['files_bytes'] / 1e9:.3f} GB on disk; quantized linears "
                      f"{t['quantized_bytes'] / 1e9:.3f} GB at {t['bits_per_weight']:.3f} bits/weight, kept "

@@ -111,7 +111,8 @@ def _decide(spec: TensorSpec, dtype: torch.dtype, recipe: Recipe) -> Decision:
     where = f"{rule.source}:{rule.line}: rule 'quantize: {rule.pattern}'" if rule else "default rule"
     if not spec.is_linear_weight:
         raise RecipeError(f"{where} matches {spec.name!r} ({spec.role}, shape {list(spec.shape)}), which is not "
-                          "a Linear weight and cannot be quantized; valid: Linear weights only, add a keep rule before it")
+                          "a Linear weight and cannot be quantized; valid: Linear weights only, add a keep rule "
+                          "before it")
     if spec.shape[1] % recipe.group_size:
         raise RecipeError(f"{where}: {spec.name!r} has in_features {spec.shape[1]}, not a multiple of group_size "
                           f"{recipe.group_size}; valid: keep it, or a group_size dividing {spec.shape[1]}")

@@ -203,7 +203,8 @@ def format_report(r: dict) -> str:
         lines.append("the ranking chooses exactly the published keep set")
     else:
         lines.append(f"the ranking does not choose the published keep set: {len(p['both'])} in common; published "
-                     f"only: {', '.join(p['only_published']) or '-'}; ranking only: {', '.join(p['only_ranking']) or '-'}")
+                     f"only: {', '.join(p['only_published']) or '-'}; "
+                     f"ranking only: {', '.join(p['only_ranking']) or '-'}")
         lines.append(f"published tensors rank {', '.join(map(str, p['published_ranks']))} of {len(r['ranking'])}")
     if r["recipe"]:
         lines.append(f"recipe: {r['recipe']}")

@@ -28,9 +28,9 @@ import torch
 from .checkpoint import Checkpoint
 from .describe import CONFIG_NAME, pack_folders
 from .errors import BonsaiError
+from .figures import figure, fixed_threads
 from .flux2 import model_kwargs
 from .manifest import check_manifest
-from .figures import figure, fixed_threads
 from .pack_check import check_layout_fields, check_pack, dtype_named
 from .packset import pack_layout, qconfig_text, slots_from_qconfig
 from .plan import BITS, KEPT_DTYPES, SCALE_DTYPES, decide_all, make_plan, packer
@@ -315,7 +315,8 @@ class PackVerifier:
             self._gemlite_layers(step)
         else:
             step.status = "skip"
-            step.detail = "compact distribution format: no runtime reads it directly (bonsai-quant repack turns it into one)"
+            step.detail = ("compact distribution format: no runtime reads it directly "
+                           "(bonsai-quant repack turns it into one)")
 
     def _mlx_layers(self, step: Step) -> None:
         import mlx.core as mx
@@ -344,7 +345,8 @@ class PackVerifier:
             _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
             worst = max(worst, err)
         step.data["max_rel_error"] = worst
-        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig['quantized'])} layers; QuantizedLinear max "
+        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig['quantized'])} layers; "
+                       "QuantizedLinear max "
                        f"rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
 
     def _gemlite_layers(self, step: Step) -> None:
@@ -374,7 +376,8 @@ class PackVerifier:
             _gate(err, GEMLITE_LAYER_BOUND, f"{module}: gemlite output differs from x @ W^T")
             worst = max(worst, err)
         step.data["max_rel_error"] = worst
-        step.detail = f"gemlite ran {len(self.qconfig['quantized'])} layers; max rel error {worst:.1e} (bound {GEMLITE_LAYER_BOUND})"
+        step.detail = (f"gemlite ran {len(self.qconfig['quantized'])} layers; max rel error {worst:.1e} "
+                       f"(bound {GEMLITE_LAYER_BOUND})")
 
     # -- steps 4 and 5 ------------------------------------------------------------------------------------
     def inputs(self) -> dict[str, torch.Tensor]:
@@ -386,7 +389,8 @@ class PackVerifier:
         txt_ids[:, 3] = torch.arange(self.text_tokens)
         n = img_ids.shape[0]
         return {"hidden_states": torch.randn(1, n, self.config["in_channels"], generator=gen),
-                "encoder_hidden_states": torch.randn(1, self.text_tokens, self.config["joint_attention_dim"], generator=gen),
+                "encoder_hidden_states": torch.randn(1, self.text_tokens, self.config["joint_attention_dim"],
+                                                     generator=gen),
                 "timestep": torch.tensor([0.625]), "img_ids": img_ids, "txt_ids": txt_ids}
 
     @torch.no_grad()

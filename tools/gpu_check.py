@@ -106,7 +106,10 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    save = lambda: (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def save():
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+
     ckpt = args.work / args.preset
     if not ckpt.exists():
         t = time.perf_counter()

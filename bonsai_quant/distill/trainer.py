@@ -81,7 +81,8 @@ def lr_factor(step: int, settings: DistillSettings) -> float:
 
 def run_fingerprint(opts: DistillOptions, calib) -> dict:
     """What a checkpoint must share with the run resuming it."""
-    return {"model": str(Path(opts.model).resolve()), "recipe_sha256": hashlib.sha256(opts.recipe.text.encode()).hexdigest(),
+    return {"model": str(Path(opts.model).resolve()),
+            "recipe_sha256": hashlib.sha256(opts.recipe.text.encode()).hexdigest(),
             "settings": opts.settings.to_dict(), "calibration": calib.fingerprint(),
             "targets": list(opts.targets or opts.recipe.targets)}
 
