@@ -25,12 +25,14 @@ from .checkpoint import Checkpoint
 from .errors import BonsaiError
 from .figures import figure, mean
 from .output import atomic_output, check_free_space
-from .packset import PackSet, Slot
-from .plan import BITS, Decision, Plan, make_plan, summarize_bytes
+from .packing.config import FORMAT_VERSION, PackConfig
+from .packing.formats import MODE_BITS as BITS
+from .packing.formats import dtype_name
+from .packing.packset import PackSet, Slot
+from .plan import Decision, Plan, make_plan, summarize_bytes
 from .quantizers import check_finite, quantize
 from .recipe import Recipe
 
-FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 10**9
 
 
@@ -42,7 +44,7 @@ def default_model() -> Path:
 
 
 def quantization_config(plan: Plan, shard_bytes: int) -> dict:
-    """The pack description; "format" is the only per-target field (PackSet fills it in)."""
+    """The pack description's JSON object; "format" is the only per-target field (PackSet fills it in)."""
     recipe = plan.recipe
     modes = sorted({d.mode for d in plan.quantized})
     return {
@@ -57,7 +59,7 @@ def quantization_config(plan: Plan, shard_bytes: int) -> dict:
         "shard_bytes": shard_bytes,
         "quantized": {d.module: {"mode": d.mode, "bits": BITS[d.mode], "solver": d.solver, "role": d.spec.role,
                                  "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.quantized},
-        "kept": {d.name: {"dtype": str(d.kept_dtype).removeprefix("torch."), "role": d.spec.role,
+        "kept": {d.name: {"dtype": dtype_name(d.kept_dtype), "role": d.spec.role,
                           "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.kept},
         "skipped_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
         "recipe": recipe.to_dict(),
@@ -116,9 +118,9 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
     if calibration is not None:
         qconfig["calibration"] = calibration  # only for calibrated packs: data-free packs stay byte-identical
     qconfig.update(extra_config or {})
-    slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
-    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
-    try:
+    slots = [d.slot for d in plan.decisions]
+    config = PackConfig.from_dict(qconfig, "quantization_config", require_format=False)
+    with PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", config, slots) as packs:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
@@ -130,10 +132,6 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
                     echo(f"warning: {warning}")
                 echo(_log_line(d, record))
                 bar.update(d.source_nbytes)
-        packs.close()
-    except BaseException:
-        packs.abort()
-        raise
     report = _report(checkpoint, plan, records, warnings, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

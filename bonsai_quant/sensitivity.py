@@ -24,7 +24,8 @@ import torch
 
 from .errors import BonsaiError
 from .flux2 import inventory
-from .plan import DEFAULT_QUANTIZED_ROLES, SCALE_DTYPES, decide_all
+from .packing.formats import SCALE_DTYPES
+from .plan import DEFAULT_QUANTIZED_ROLES, decide_all
 from .quantizers import CALIBRATED_SOLVERS, dequantize, quantize
 from .recipe import DEFAULT_SOLVERS, Recipe, default_recipe, parse_recipe
 
