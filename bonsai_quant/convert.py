@@ -145,14 +145,15 @@ def _calibration_stats(checkpoint: Checkpoint, plan: Plan, calib, device: str, e
     wanted = statistics_needed(plan.quantized)
     if not wanted:
         return None, None
-    from .calibration import default_model_dtype, load_model, resolve_calibration
+    from .calibration import default_model_dtype, resolve_calibration
+    from .dense import load_dense
     from .stats import BlockStats
 
     calib = resolve_calibration(calib, plan.recipe, wanted, checkpoint.config, str(checkpoint.path))
     dtype = default_model_dtype(checkpoint)
     echo(f"calibration: {calib.path} ({calib.trajectories} trajectories, {calib.calls} transformer calls); "
          f"loading the full-precision model ({str(dtype).removeprefix('torch.')} on {device})")
-    model = load_model(checkpoint.path, dtype=dtype, device=device)
+    model = load_dense(checkpoint, dtype=dtype, device=device)
     return BlockStats(model, calib, wanted, log=echo), calibration_record(calib, wanted, dtype)
 
 

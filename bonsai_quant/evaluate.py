@@ -50,16 +50,15 @@ class LoadedModel:
 
 def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
     """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor."""
+    import torch
+
     from .checkpoint import Checkpoint
+    from .dense import load_dense
     from .digits import check_compatible
-    from .flux2 import build_model
 
     ckpt = Checkpoint(path)
     check_compatible(ckpt.config, encoder, str(ckpt.path / "config.json"))
-    ckpt.validate()
-    model = build_model(ckpt.config)  # float32 parameters, as nn.Linear creates them
-    model.load_state_dict({name: ckpt.load(name).float() for name in ckpt.tensors}, strict=True)
-    return model.eval()
+    return load_dense(ckpt, dtype=torch.float32)
 
 
 def is_pack(path: Path) -> bool:

@@ -158,8 +158,9 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
                 budget_bytes: int | None = None, out: Path | None = None, max_calls: int | None = None,
                 device: str = "cpu", log: Callable[[str], None] = lambda m: None) -> dict:
     """Rank, choose within the budget, compare with the published keep set and write the recipe to `out`."""
-    from .calibration import default_model_dtype, load_calibration, load_model
+    from .calibration import default_model_dtype, load_calibration
     from .checkpoint import Checkpoint
+    from .dense import load_dense
     from .digits import model_dir
 
     model_path = Path(model_path) if model_path is not None else model_dir()
@@ -172,7 +173,7 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
     calib = load_calibration(calib_path)
     calib.check_model(checkpoint.config, str(model_path))
     dtype = default_model_dtype(checkpoint)
-    model = load_model(model_path, dtype=dtype, device=device)
+    model = load_dense(checkpoint, dtype=dtype, device=device)
     start = time.perf_counter()
     ranking = measure(model, calib, mode, solver, max_calls=max_calls, log=log)
     budget = published_budget(ranking) if budget_bytes is None else budget_bytes

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .dense import lazy_dense_model, load_dense
 from .errors import BonsaiError
 from .figures import figure, fixed_threads
 from .flux2 import model_kwargs
@@ -97,33 +98,6 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
                 return _first_difference(a[key], b[key], f"{prefix}{key}.")
             return f"{prefix}{key}"
     return "(key order or formatting)"
-
-
-class _DenseOnCall(torch.nn.Module):
-    """nn.Linear's own computation (F.linear with the whole dense weight), the weight fetched per call.
-
-    The float32 references of a full-size model would need 15.5 GB if every weight were resident; fetching
-    each layer's weight when it runs keeps one at a time, and changes nothing in the arithmetic.
-    """
-
-    def __init__(self, fetch):
-        super().__init__()
-        self.fetch = fetch
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.fetch())
-
-
-def _lazy_dense_model(config: dict, kept: dict[str, torch.Tensor], fetch: dict):
-    from accelerate import init_empty_weights
-    from diffusers import Flux2Transformer2DModel
-
-    with init_empty_weights():
-        model = Flux2Transformer2DModel(**model_kwargs(config))
-    for module, fn in fetch.items():
-        model.set_submodule(module, _DenseOnCall(fn))
-    model.load_state_dict(kept, strict=True, assign=True)
-    return model.eval()
 
 
 def _recorded_recipe(q: PackConfig, source: str):
@@ -297,7 +271,7 @@ class PackVerifier:
                   f"({', '.join(sorted({d.solver for d in decisions if d.name in wanted}))}); re-quantizing them "
                   f"needs the calibration set the pack records ({record.get('set', 'unknown')!r}, sha256 "
                   f"{str(record.get('fingerprint'))[:12]}...): --calib SET")
-        from .calibration import load_calibration, load_model
+        from .calibration import load_calibration
         from .stats import BlockStats
 
         calib = load_calibration(self.calib)
@@ -306,7 +280,7 @@ class PackVerifier:
                   f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
         dtype = dtype_named(record.get("model_dtype", "float32"), KEPT_DTYPES,
                             f"{self.folder / CONFIG_NAME}: calibration.model_dtype")
-        return BlockStats(load_model(ckpt.path, dtype=dtype), calib, wanted)
+        return BlockStats(load_dense(ckpt, dtype=dtype), calib, wanted)
 
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
@@ -401,7 +375,7 @@ class PackVerifier:
         reader, g = PackReader(self.folder), self.qconfig.group_size
         kept = {name: reader.get(name).float() for name in self.qconfig.kept}
         fetch = {module: (lambda m=module: dequantize(*self.decode(m), g)) for module in self.qconfig.quantized}
-        return _lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
+        return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
     def source_output(self, inputs: dict) -> torch.Tensor:
@@ -410,7 +384,7 @@ class PackVerifier:
         modules = set(self.qconfig.quantized)
         kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
         fetch = {m: (lambda m=m: ckpt.load(f"{m}.weight").float()) for m in modules}
-        return _lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
+        return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
     def end_to_end(self, step: Step, inputs: dict, reference: torch.Tensor) -> None:

@@ -151,7 +151,7 @@ def main() -> int:
             del ref32
             ref16 = load_transformer(pack, dtype=torch.bfloat16, device="cuda")
             ref16_out, ref16_s = step_time(ref16, kw16)
-            swapped = use_gemlite(ref16, pack)
+            swapped = use_gemlite(ref16)
             gl_out, gl_s = step_time(ref16, kw16)
             del ref16
             torch.cuda.empty_cache()

@@ -125,8 +125,9 @@ class Trainer:
         return None
 
     def load(self, resume_from: Path | None) -> None:
-        from ..calibration import default_model_dtype, load_calibration, load_model
+        from ..calibration import default_model_dtype, load_calibration
         from ..checkpoint import Checkpoint
+        from ..dense import load_dense
         from ..plan import make_plan
         from .inputs import DigitsData, TrajectoryInputs
 
@@ -148,8 +149,8 @@ class Trainer:
         teacher_dtype = torch.bfloat16 if big or self.acc.mixed_precision == "bf16" else torch.float32
         self.log(f"teacher: {checkpoint.path} ({str(teacher_dtype).removeprefix('torch.')} on {device}); "
                  f"calibration: {self.calib.path} ({self.calib.trajectories} trajectories x {self.calib.steps} steps)")
-        self.teacher = load_model(checkpoint.path, dtype=teacher_dtype, device=str(device)).requires_grad_(False)
-        student = load_model(checkpoint.path, dtype=torch.float32, device="cpu")
+        self.teacher = load_dense(checkpoint, dtype=teacher_dtype, device=str(device)).requires_grad_(False)
+        student = load_dense(checkpoint, dtype=torch.float32, device="cpu")
         self.init_solvers = self.make_student(student, resume_from is None)
         self.digits = self.encoder = None
         if self.settings.data_loss > 0 or opts.eval_every:

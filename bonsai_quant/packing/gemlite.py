@@ -94,11 +94,16 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, mode: str, group_size: int) 
     else:
         stored = B.dense(s.t())
         zeros = torch.tensor(1, dtype=torch.int32)
+    return {"W_q": w_q, "scales": stored, "zeros": zeros,
+            **side_tensors(out_features, in_features, mode, group_size, s.dtype)}
+
+
+def side_tensors(out_features: int, in_features: int, mode: str, group_size: int,
+                 scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of a pack beside BUFFERS: functions of the layer's configuration only, so a runtime holding
+    the buffers can rebuild the whole `GemLiteLinearTriton` state without reading the pack again."""
     return {
-        "W_q": w_q,
-        "scales": stored,
-        "zeros": zeros,
-        "metadata": torch.tensor(meta_args(mode, group_size, s.dtype), dtype=torch.int32),
+        "metadata": torch.tensor(meta_args(mode, group_size, scale_dtype), dtype=torch.int32),
         "orig_shape": torch.tensor([out_features, in_features], dtype=torch.int32),
         "meta_scale": torch.tensor(0.0, dtype=torch.float32),
     }
