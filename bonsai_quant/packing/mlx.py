@@ -11,12 +11,14 @@ import torch
 
 from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
+from bonsai_quant.packing.formats import GROUP_SIZES
 
 SUFFIXES: tuple[str, ...] = ("weight", "scales", "biases")
 # The suffixes `decode_rows` takes, in its argument order (what `PackedLinear` holds as buffers).
 BUFFERS: tuple[str, ...] = ("weight", "scales", "biases")
 _TARGET = "MLX"
-_GROUP_SIZES = (32, 64, 128)
+# MLX's affine 1- and 2-bit kernels: the group sizes every recipe may use.
+_GROUP_SIZES = GROUP_SIZES
 
 
 def layout(out_features: int, in_features: int, mode: str, group_size: int,
