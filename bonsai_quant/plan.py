@@ -15,9 +15,11 @@ from .errors import RecipeError
 from .flux2 import TensorSpec
 from .packing.formats import KEPT_DTYPES, SCALE_DTYPES
 from .packing.packset import Slot, slot_entries
+from .packing.targets import NAMES
 from .packing.targets import target as _target
 from .recipe import Recipe, Rule
 
+TARGETS = NAMES  # the registered targets (packing/targets.py), as plans know them
 # Roles whose linears are quantized when no rule names them: the matmul-heavy block projections. Everything
 # else (embedders, modulation, output, norms) stays 16-bit unless a rule asks, as in the published release.
 DEFAULT_QUANTIZED_ROLES = ("attention", "mlp", "fused_projection")
