@@ -22,7 +22,7 @@ def load_transformer(path, dtype=None, device=None):
             folder = None
         if folder is not None:
             model = load_reference(folder, dtype=dtype or torch.bfloat16, device=device or "cuda")
-            use_gemlite(model, folder)
+            use_gemlite(model)
             return model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_reference(path, dtype=dtype or (torch.bfloat16 if device != "cpu" else torch.float32), device=device)

@@ -31,11 +31,12 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import BonsaiError
+from .flux2 import KLEIN_SHIFT
 
 META_NAME = "calibration.json"
 FORMAT_VERSION = 1
 DEFAULT_STEPS = 4             # klein's default number of sampler steps
-DEFAULT_SHIFT = 3.0           # klein's sampler shift (REFERENCE.md §2)
+DEFAULT_SHIFT = KLEIN_SHIFT   # klein's sampler shift (REFERENCE.md §2)
 DEFAULT_SEED = 1234           # not the benchmark's seeds (0..9 per digit): calibrate on other noise than we judge
 DEFAULT_DIGIT_SAMPLES = 16    # trajectories per digit prompt in the shipped tiny set
 DEFAULT_IMAGE_SIZE = 512      # klein calibration images: 32x32 latent tokens
@@ -172,7 +173,7 @@ def sample_trajectories(model, text: torch.Tensor, txt_ids: torch.Tensor, img_id
                         noise: torch.Tensor, steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Run klein's FlowMatch-Euler sampler with `model` from `noise [B, L, C]`; returns the transformer's inputs
     at every step: latents [B, S, L, C] (float32, on the CPU) and timesteps [S] (float64)."""
-    from .digits import euler_sample
+    from .flux2 import euler_sample
 
     param = next(model.parameters())
     text = text.to(device=param.device, dtype=param.dtype)
@@ -215,7 +216,8 @@ def digits_text_encoder(model_path: Path, config: dict):
     return encoder if encoder.dim == config.get("joint_attention_dim") else None
 
 
-def qwen3_text_encoder(path: Path, device: str, max_tokens: int = MAX_TEXT_TOKENS) -> Callable[[list[str]], torch.Tensor]:
+def qwen3_text_encoder(path: Path, device: str,
+                       max_tokens: int = MAX_TEXT_TOKENS) -> Callable[[list[str]], torch.Tensor]:
     """klein's text conditioning: Qwen3 hidden states of layers 9, 18 and 27, stacked per token (diffusers'
     Flux2KleinPipeline._get_qwen3_prompt_embeds, called as is). `path`: a klein pipeline folder (its
     text_encoder/ and tokenizer/) or a Qwen3 folder holding its tokenizer."""
@@ -286,22 +288,11 @@ def default_model_dtype(checkpoint) -> torch.dtype:
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A diffusers FLUX.2 checkpoint folder as an eval-mode Flux2Transformer2DModel in `dtype` on `device`.
-
-    Built on the meta device and filled tensor by tensor, so host memory holds one copy of the weights in
-    `dtype` (klein 4B in bf16: 7.75 GB), never a float32 random init first."""
-    from diffusers import Flux2Transformer2DModel
-
+    """A diffusers FLUX.2 checkpoint folder as an eval-mode model (`dense.load_dense` of a new Checkpoint)."""
     from .checkpoint import Checkpoint
-    from .flux2 import model_kwargs
+    from .dense import load_dense
 
-    ckpt = Checkpoint(path)
-    ckpt.validate()
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**model_kwargs(ckpt.config))
-    state = {name: ckpt.load(name).to(dtype=dtype, device=device) for name in ckpt.tensors}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return load_dense(Checkpoint(path), dtype=dtype, device=device)
 
 
 def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = None, text_encoder: Path | None = None,
@@ -315,6 +306,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     The digits model (no `model_path`, or a checkpoint with the digits input widths) uses its own text embedding
     and, without a prompt file, its ten prompts; any other model needs `--prompts` and a text encoder."""
     from .checkpoint import Checkpoint
+    from .dense import load_dense
     from .digits import GRID, MAX_TOKENS, model_dir, prompt
     from .output import atomic_output, check_output
 
@@ -323,7 +315,8 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     model_path = Path(model_path) if model_path is not None else model_dir()
     sources = (model_path, text_encoder, prompts_path)
     check_output(Path(out), force, sources)  # before minutes of sampling, not after
-    config = Checkpoint(model_path).config
+    checkpoint = Checkpoint(model_path)
+    config = checkpoint.config
     digits = digits_text_encoder(model_path, config) if text_encoder is None else None
     if digits is not None:
         prompts = read_prompts(prompts_path) if prompts_path else [prompt(d) for d in range(10)]
@@ -358,7 +351,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
 
     start = time.perf_counter()
     log(f"loading {model_path} ({str(dtype).removeprefix('torch.')} on {device})")
-    model = load_model(model_path, dtype=dtype, device=device)
+    model = load_dense(checkpoint, dtype=dtype, device=device)
     channels = config["in_channels"]
     img = latent_ids(*grid)
     if samples_per_prompt > MAX_SAMPLES_PER_PROMPT:

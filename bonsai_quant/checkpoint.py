@@ -92,7 +92,8 @@ def read_header(path: Path, error: type[BonsaiError] = CheckpointError) -> dict[
         begin, stop = offsets
         info = TensorInfo(name, dtype, tuple(shape), path, begin)
         if stop - begin != info.nbytes:
-            raise error(f"{path}: tensor {name!r} spans {stop - begin} bytes but {entry['dtype']}{list(shape)} needs {info.nbytes}")
+            raise error(f"{path}: tensor {name!r} spans {stop - begin} bytes but {entry['dtype']}{list(shape)} "
+                        f"needs {info.nbytes}")
         infos[name] = info
     end, previous = 0, None
     for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
@@ -175,7 +176,8 @@ class Checkpoint:
                 problems.append(f"tensor {name!r} is {info.dtype}; valid: bfloat16, float16, float32")
         if problems:
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise CheckpointError(f"{self.path}: does not match its config.json:\n  " + "\n  ".join(problems[:20]) + more)
+            raise CheckpointError(f"{self.path}: does not match its config.json:\n  "
+                                  + "\n  ".join(problems[:20]) + more)
         return expected
 
     def load(self, name: str) -> torch.Tensor:
@@ -317,7 +319,8 @@ class ShardedWriter:
         shard, offset, entry = self._where[name]
         fd = self._fds[shard]
         if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-            raise CheckpointError(f"internal: {name} is {tensor.dtype}{list(tensor.shape)}, declared {entry.dtype}{list(entry.shape)}")
+            raise CheckpointError(f"internal: {name} is {tensor.dtype}{list(tensor.shape)}, "
+                                  f"declared {entry.dtype}{list(entry.shape)}")
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
         while data:
             written = os.pwrite(fd, data, offset)

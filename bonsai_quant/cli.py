@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -12,48 +11,19 @@ import threading
 from pathlib import Path
 
 from . import __version__
+from .cli_args import add_model_args, model_from_args, recipe_from_args, targets_arg
 from .errors import BonsaiError
-
-
-def _targets(value: str) -> tuple[str, ...]:
-    from .plan import TARGETS
-
-    targets = tuple(t.strip() for t in value.split(",") if t.strip())
-    bad = [t for t in targets if t not in TARGETS]
-    if bad or not targets or len(set(targets)) != len(targets):
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a comma-separated subset of {','.join(TARGETS)}")
-    return targets
-
-
-def _recipe(args):
-    from .recipe import default_recipe, load_recipe
-
-    if args.recipe is None:
-        return default_recipe(args.mode or "ternary")
-    recipe = load_recipe(args.recipe)
-    return recipe.with_mode(args.mode) if args.mode and args.mode != recipe.mode else recipe
-
-
-@contextlib.contextmanager
-def _model(args):
-    if args.model is not None:
-        yield args.model
-        return
-    from .convert import default_model
-
-    print("no --model given: using the built-in flux2-tiny-digits model", file=sys.stderr)
-    yield default_model()
+from .packing.targets import RUNTIME_NAMES
 
 
 def cmd_convert(args) -> int:
     from .convert import convert, format_summary
 
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     out = args.out or Path(f"{args.model.name if args.model else 'flux2-tiny-digits'}-{recipe.mode}")
-    with _model(args) as model:
-        report = convert(model, recipe, out, targets=args.target, force=args.force,
-                         max_shard_bytes=args.shard_bytes, verbose=not args.quiet, calib=args.calib,
-                         calib_device=args.calib_device)
+    report = convert(model_from_args(args), recipe, out, targets=args.target, force=args.force,
+                     max_shard_bytes=args.shard_bytes, verbose=not args.quiet, calib=args.calib,
+                     calib_device=args.calib_device)
     print(format_summary(report, out))
     return 0
 
@@ -93,33 +63,11 @@ def cmd_sensitivity(args) -> int:
 
 def cmd_plan(args) -> int:
     from .checkpoint import Checkpoint
-    from .plan import make_plan, summarize_bytes
+    from .plan import format_plan, make_plan, plan_record
 
-    recipe = _recipe(args)
-    with _model(args) as model:
-        plan = make_plan(Checkpoint(model), recipe, args.target)
-        rows = []
-        for target in plan.targets:
-            for d, entries in plan.entries(target):
-                rows.append((d, target, sum(e.nbytes for e in entries)))
-        totals = {t: summarize_bytes(plan, t) for t in plan.targets}
-    if args.json:
-        print(json.dumps({"tensors": [{"name": d.name, "rule": d.rule_label, "action": d.action, "mode": d.mode,
-                                       "target": t, "bytes": b} for d, t, b in rows], "totals": totals}, indent=2))
-        return 0
-    by_name: dict[str, dict] = {}
-    for d, target, nbytes in rows:
-        by_name.setdefault(d.name, {"d": d})[target] = nbytes
-    header = f"{'tensor':<58} {'rule':<38} {'mode':<8}" + "".join(f" {t + ' bytes':>14}" for t in plan.targets)
-    print(header)
-    for row in by_name.values():
-        d = row["d"]
-        mode = d.mode if d.action == "quantize" else "keep"
-        print(f"{d.name:<58} {d.rule_label[:38]:<38} {mode:<8}" + "".join(f" {row[t]:>14,}" for t in plan.targets))
-    print(f"{len(plan.quantized)} tensors quantized, {len(plan.kept)} kept")
-    for t, s in totals.items():
-        print(f"{t}: {s['tensor_bytes']:,} bytes; quantized linears {s['quantized_bytes']:,} bytes at "
-              f"{s['bits_per_weight']:.3f} bits/weight; kept {s['kept_bytes']:,} bytes")
+    recipe = recipe_from_args(args)
+    plan = make_plan(Checkpoint(model_from_args(args)), recipe, args.target)
+    print(json.dumps(plan_record(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -141,7 +89,7 @@ def cmd_repack(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .release import check_release, plan_release, release
+    from .release import ALL_TARGETS, check_release, plan_release, release
 
     if args.check is not None:
         result = check_release(args.check)
@@ -158,8 +106,8 @@ def cmd_release(args) -> int:
         return 0 if result["ok"] else 1
     if args.model is None or args.out is None:
         raise BonsaiError("release needs --model and --out (or --check FOLDER); see bonsai-quant release --help")
-    recipe = _recipe(args)
-    targets = args.targets or ("bonsai", "mlx", "gemlite")
+    recipe = recipe_from_args(args)
+    targets = args.targets or ALL_TARGETS
     if args.dry_run:
         info = plan_release(args.model, recipe, targets)
         print(f"{args.out} would hold {info['quantized']} quantized and {info['kept']} kept tensors per pack:")
@@ -197,11 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: built-in tiny model)")
-        p.add_argument("--mode", choices=("binary", "ternary"),
-                       help="quantization mode (default: the recipe's; ternary without a recipe)")
-        p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml, the published keep set)")
-        p.add_argument("--target", type=_targets, help="comma-separated: mlx,gemlite (default: the recipe's targets)")
+        add_model_args(p, "comma-separated: mlx,gemlite (default: the recipe's targets)")
 
     p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs")
     model_args(p)
@@ -269,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly")
     p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/)")
-    p.add_argument("--target", choices=("mlx", "gemlite"), required=True)
+    p.add_argument("--target", choices=RUNTIME_NAMES, required=True)
     p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_repack)
@@ -279,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
     p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
     p.add_argument("--out", type=Path, help="release folder to write")
-    p.add_argument("--targets", type=_targets, help="packs to include (default: bonsai,mlx,gemlite)")
+    p.add_argument("--targets", type=targets_arg, help="packs to include (default: bonsai,mlx,gemlite)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")

@@ -25,12 +25,14 @@ from .checkpoint import Checkpoint
 from .errors import BonsaiError
 from .figures import figure, mean
 from .output import atomic_output, check_free_space
-from .packset import PackSet, Slot
-from .plan import BITS, Decision, Plan, make_plan, summarize_bytes
+from .packing.config import FORMAT_VERSION, PackConfig
+from .packing.formats import MODE_BITS as BITS
+from .packing.formats import dtype_name
+from .packing.packset import PackSet, Slot
+from .plan import Decision, Plan, make_plan, summarize_bytes
 from .quantizers import check_finite, quantize
 from .recipe import Recipe
 
-FORMAT_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 * 10**9
 
 
@@ -42,7 +44,7 @@ def default_model() -> Path:
 
 
 def quantization_config(plan: Plan, shard_bytes: int) -> dict:
-    """The pack description; "format" is the only per-target field (PackSet fills it in)."""
+    """The pack description's JSON object; "format" is the only per-target field (PackSet fills it in)."""
     recipe = plan.recipe
     modes = sorted({d.mode for d in plan.quantized})
     return {
@@ -57,7 +59,7 @@ def quantization_config(plan: Plan, shard_bytes: int) -> dict:
         "shard_bytes": shard_bytes,
         "quantized": {d.module: {"mode": d.mode, "bits": BITS[d.mode], "solver": d.solver, "role": d.spec.role,
                                  "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.quantized},
-        "kept": {d.name: {"dtype": str(d.kept_dtype).removeprefix("torch."), "role": d.spec.role,
+        "kept": {d.name: {"dtype": dtype_name(d.kept_dtype), "role": d.spec.role,
                           "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.kept},
         "skipped_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
         "recipe": recipe.to_dict(),
@@ -104,7 +106,8 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
 
 def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 verbose: bool = False, calib=None, calib_device: str = "cpu", extra_config: dict | None = None) -> dict:
+                 verbose: bool = False, calib=None, calib_device: str = "cpu",
+                 extra_config: dict | None = None) -> dict:
     """The work of `convert` inside an existing (temporary) folder: packs and report.json.
 
     `extra_config`: more top-level keys for quantization_config.json (distill records its training there)."""
@@ -115,9 +118,9 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
     if calibration is not None:
         qconfig["calibration"] = calibration  # only for calibrated packs: data-free packs stay byte-identical
     qconfig.update(extra_config or {})
-    slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
-    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
-    try:
+    slots = [d.slot for d in plan.decisions]
+    config = PackConfig.from_dict(qconfig, "quantization_config", require_format=False)
+    with PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", config, slots) as packs:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
@@ -129,10 +132,6 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
                     echo(f"warning: {warning}")
                 echo(_log_line(d, record))
                 bar.update(d.source_nbytes)
-        packs.close()
-    except BaseException:
-        packs.abort()
-        raise
     report = _report(checkpoint, plan, records, warnings, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -146,14 +145,15 @@ def _calibration_stats(checkpoint: Checkpoint, plan: Plan, calib, device: str, e
     wanted = statistics_needed(plan.quantized)
     if not wanted:
         return None, None
-    from .calibration import default_model_dtype, load_model, resolve_calibration
+    from .calibration import default_model_dtype, resolve_calibration
+    from .dense import load_dense
     from .stats import BlockStats
 
     calib = resolve_calibration(calib, plan.recipe, wanted, checkpoint.config, str(checkpoint.path))
     dtype = default_model_dtype(checkpoint)
     echo(f"calibration: {calib.path} ({calib.trajectories} trajectories, {calib.calls} transformer calls); "
          f"loading the full-precision model ({str(dtype).removeprefix('torch.')} on {device})")
-    model = load_model(checkpoint.path, dtype=dtype, device=device)
+    model = load_dense(checkpoint, dtype=dtype, device=device)
     return BlockStats(model, calib, wanted, log=echo), calibration_record(calib, wanted, dtype)
 
 
@@ -225,7 +225,8 @@ def format_summary(report: dict, out: Path) -> str:
     lines = [f"wrote {out}",
              f"  tensors: {report['tensors_quantized']} quantized ({report['quantized_weights']:,} weights), "
              f"{report['tensors_kept']} kept; source {report['source']['bytes'] / 1e9:.3f} GB",
-             f"  mean relative error {report['mean_rel_error']:.4f} (weighted by size {report['weighted_rel_error']:.4f})"]
+             f"  mean relative error {report['mean_rel_error']:.4f} "
+             f"(weighted by size {report['weighted_rel_error']:.4f})"]
     for target, t in report["targets"].items():
         lines.append(f"  {target:<8} {t['files_bytes'] / 1e9:.3f} GB on disk; quantized linears "
                      f"{t['quantized_bytes'] / 1e9:.3f} GB at {t['bits_per_weight']:.3f} bits/weight, kept "

@@ -4,39 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import PackError
-
-CONFIG_NAME = "quantization_config.json"
-
-
-def pack_folders(path: Path) -> list[Path]:
-    """A pack folder itself, or the per-target pack folders of a convert output."""
-    path = Path(path)
-    if (path / CONFIG_NAME).exists():
-        return [path]
-    found = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
-    if not found:
-        raise PackError(f"{path}: no {CONFIG_NAME} here or one level down; is this a bonsai-quant pack?")
-    return found
+from .pack_check import check_pack
+from .packing.folders import pack_folders
+from .packing.targets import TARGETS
 
 
 def describe(path: Path) -> list[dict]:
-    from .pack_check import check_pack  # it builds on this module's CONFIG_NAME
-
     result = []
     for folder in pack_folders(path):
         pack = check_pack(folder)
         config, headers = pack.qconfig, pack.headers
         quant_bytes = weights = 0
-        for module, q in config.get("quantized", {}).items():
-            weights += q["shape"][0] * q["shape"][1]
+        for module, q in config.quantized.items():
+            weights += q.shape[0] * q.shape[1]
             quant_bytes += sum(i.nbytes for n, i in headers.items() if n.rsplit(".", 1)[0] == module)
-        kept_bytes = sum(headers[n].nbytes for n in config.get("kept", {}) if n in headers)
+        kept_bytes = sum(headers[n].nbytes for n in config.kept if n in headers)
         result.append({
-            "folder": str(folder), "format": config.get("format"), "mode": config.get("mode"),
-            "bits": config.get("bits"), "group_size": config.get("group_size"),
+            "folder": str(folder), "format": config.format, "mode": config.get("mode"),
+            "bits": config.get("bits"), "group_size": config.group_size,
             "scale_dtype": config.get("scale_dtype"), "tool": config.get("tool"),
-            "quantized_tensors": len(config.get("quantized", {})), "kept_tensors": len(config.get("kept", {})),
+            "quantized_tensors": len(config.quantized), "kept_tensors": len(config.kept),
             "quantized_weights": weights, "quantized_bytes": quant_bytes, "kept_bytes": kept_bytes,
             "bits_per_weight": 8 * quant_bytes / weights if weights else 0.0,
             "files_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
@@ -44,13 +31,10 @@ def describe(path: Path) -> list[dict]:
     return result
 
 
-_SLOTS = {("bonsai", "binary"): "1 bit per weight", ("bonsai", "ternary"): "5 trits per byte"}
-
-
 def format_description(info: list[dict]) -> str:
     lines = []
     for p in info:
-        slots = _SLOTS.get((p["format"], p["mode"]), f"{p['bits']}-bit slots")
+        slots = (TARGETS[p["format"]].slots or {}).get(p["mode"], f"{p['bits']}-bit slots")
         lines += [f"{p['folder']}: {p['format']} pack, {p['mode']} ({slots}), group {p['group_size']}, "
                   f"{p['scale_dtype']} scales",
                   f"  {p['quantized_tensors']} quantized tensors ({p['quantized_weights']:,} weights, "

@@ -22,6 +22,7 @@ import torch
 
 from . import shards
 from .errors import BonsaiError
+from .flux2 import KLEIN_SHIFT, euler_sample, shift_sigmas, sigma_schedule  # noqa: F401 -- the sampler, re-exported
 
 MODEL_NAME = "flux2-tiny-digits"
 JUDGE_NAME = "digits-judge"
@@ -30,7 +31,7 @@ IMAGE_SIZE, PATCH = 8, 2
 GRID = IMAGE_SIZE // PATCH  # 4x4 tokens
 CHANNELS = PATCH * PATCH  # 4 values per token
 MAX_TOKENS = 8
-SHIFT = 3.0  # FLUX.2 [klein]'s sampler shift
+SHIFT = KLEIN_SHIFT  # FLUX.2 [klein]'s sampler shift
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PAD = "<pad>"
 VOCAB = (PAD, "a", "handwritten", "digit", *DIGIT_WORDS)
@@ -125,30 +126,6 @@ def latent_to_image(latents: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- sampler
-
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def sigma_schedule(steps: int, shift: float = SHIFT) -> torch.Tensor:
-    """klein's FlowMatch-Euler schedule: steps + 1 sigmas from 1 down to 0 (float64 for exact arithmetic)."""
-    if steps < 1:
-        raise BonsaiError(f"steps must be at least 1, got {steps}")
-    s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    return torch.cat([shift_sigmas(s, shift), torch.zeros(1, dtype=torch.float64)])
-
-
-def euler_sample(velocity, noise: torch.Tensor, steps: int, shift: float = SHIFT) -> torch.Tensor:
-    """Integrate dx/dsigma = velocity(x, sigma) from sigma=1 (noise) to sigma=0 with Euler steps.
-
-    `velocity(x [B, ...], sigma [B]) -> [B, ...]`."""
-    sigmas = sigma_schedule(steps, shift)
-    x = noise.float()
-    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        v = velocity(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
-        x = x + (s_next - s) * v.float()
-    return x
-
 
 def transformer_velocity(model, text: torch.Tensor):
     """The velocity field of a FLUX.2 transformer conditioned on `text [B, T, D]`, as euler_sample wants it."""

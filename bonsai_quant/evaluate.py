@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cli_args import positive_int as _positive
 from .errors import BonsaiError
+from .packing.targets import NAMES as TARGETS
 
 if TYPE_CHECKING:  # torch and the digits modules load on use, so that `bonsai-quant --help` stays fast
     import torch
@@ -29,7 +31,6 @@ DEFAULT_STEPS = 4
 DEFAULT_SEED = 0
 CHUNK = 250  # samples per forward: bounds memory; fixed so that results do not depend on N's factorisation
 GRID_SCALE, GRID_GAP = 4, 2
-TARGETS = ("mlx", "gemlite", "bonsai")  # == plan.TARGETS
 SHIFT = 3.0  # == digits.SHIFT, klein's sampler shift (checked by the tests)
 IMAGE_SIZE = 8  # == digits.IMAGE_SIZE
 
@@ -49,21 +50,20 @@ class LoadedModel:
 
 def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
     """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor."""
+    import torch
+
     from .checkpoint import Checkpoint
+    from .dense import load_dense
     from .digits import check_compatible
-    from .flux2 import build_model
 
     ckpt = Checkpoint(path)
     check_compatible(ckpt.config, encoder, str(ckpt.path / "config.json"))
-    ckpt.validate()
-    model = build_model(ckpt.config)  # float32 parameters, as nn.Linear creates them
-    model.load_state_dict({name: ckpt.load(name).float() for name in ckpt.tensors}, strict=True)
-    return model.eval()
+    return load_dense(ckpt, dtype=torch.float32)
 
 
 def is_pack(path: Path) -> bool:
     """A pack folder (quantization_config.json) or a convert output holding pack folders."""
-    from .describe import CONFIG_NAME
+    from .packing.folders import CONFIG_NAME
 
     return (path / CONFIG_NAME).exists() or any(path.glob(f"*/{CONFIG_NAME}"))
 
@@ -82,7 +82,7 @@ def load_pack(path: Path, encoder: TextEncoder, target: str | None = None) -> tu
 
 def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | None = None,
                   recipe_path: Path | None = None, target: str | None = None) -> LoadedModel:
-    from .digits import model_dir, read_json
+    from .digits import model_dir
 
     path = Path(path) if path is not None else model_dir()
     if not path.exists():
@@ -94,9 +94,10 @@ def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | Non
             raise BonsaiError(f"{path}: is already a quantized pack; --fake-quant and --recipe apply to "
                               "full-precision models")
         model, folder = load_pack(path, encoder, target)
-        qc = read_json(folder / "quantization_config.json")
-        return LoadedModel(model, str(folder), "pack", qc.get("mode"), qc.get("format"),
-                           (qc.get("recipe") or {}).get("name"))
+        from .packing.config import PackConfig
+
+        qc = PackConfig.load(folder)
+        return LoadedModel(model, str(folder), "pack", qc.mode, qc.format, qc.recipe_name)
     if target is not None:
         raise BonsaiError(f"{path}: --target picks a pack of a convert output, but this is no pack")
     model = load_full_precision(path, encoder)
@@ -235,13 +236,6 @@ def cmd_eval(args) -> int:
     if args.grid and not args.json:
         print(f"grid: {args.grid}", file=sys.stderr)
     return 0
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
-    return n
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .flux2 import inventory
-from .plan import SCALE_DTYPES, decide_all
+from .packing.formats import SCALE_DTYPES
+from .plan import decide_all
 from .quantizers import dequantize, quantize, statistics_needed
 from .recipe import Recipe
 

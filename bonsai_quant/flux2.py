@@ -11,9 +11,13 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import CheckpointError
+from .errors import BonsaiError, CheckpointError
 from .shards import read_json
+
+if TYPE_CHECKING:  # torch loads on use: reading a config.json needs none
+    import torch
 
 CLASS_NAME = "Flux2Transformer2DModel"
 
@@ -169,3 +173,36 @@ def preset_config(name: str) -> dict:
     from diffusers import __version__ as diffusers_version
 
     return {"_class_name": CLASS_NAME, "_diffusers_version": diffusers_version, **PRESETS[name]}
+
+
+# ---------------------------------------------------------------- FLUX.2's sampler
+
+KLEIN_SHIFT = 3.0  # FLUX.2 [klein]'s sigma shift (REFERENCE.md §2)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sigma_schedule(steps: int, shift: float = KLEIN_SHIFT) -> torch.Tensor:
+    """klein's FlowMatch-Euler schedule: steps + 1 sigmas from 1 down to 0 (float64 for exact arithmetic)."""
+    import torch
+
+    if steps < 1:
+        raise BonsaiError(f"steps must be at least 1, got {steps}")
+    s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    return torch.cat([shift_sigmas(s, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+def euler_sample(velocity, noise: torch.Tensor, steps: int, shift: float = KLEIN_SHIFT) -> torch.Tensor:
+    """Integrate dx/dsigma = velocity(x, sigma) from sigma=1 (noise) to sigma=0 with Euler steps.
+
+    `velocity(x [B, ...], sigma [B]) -> [B, ...]`."""
+    import torch
+
+    sigmas = sigma_schedule(steps, shift)
+    x = noise.float()
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        v = velocity(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
+        x = x + (s_next - s) * v.float()
+    return x

@@ -6,7 +6,6 @@ combination fails the run before the first tensor is quantized.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -14,21 +13,16 @@ import torch
 from .checkpoint import Checkpoint, Entry
 from .errors import RecipeError
 from .flux2 import TensorSpec
+from .packing.formats import KEPT_DTYPES, SCALE_DTYPES
+from .packing.packset import Slot, slot_entries
+from .packing.targets import NAMES
+from .packing.targets import target as _target
 from .recipe import Recipe, Rule
 
-TARGETS = ("mlx", "gemlite", "bonsai")
+TARGETS = NAMES  # the registered targets (packing/targets.py), as plans know them
 # Roles whose linears are quantized when no rule names them: the matmul-heavy block projections. Everything
 # else (embedders, modulation, output, norms) stays 16-bit unless a rule asks, as in the published release.
 DEFAULT_QUANTIZED_ROLES = ("attention", "mlp", "fused_projection")
-BITS = {"binary": 1, "ternary": 2}
-KEPT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def packer(target: str):
-    if target not in TARGETS:
-        raise RecipeError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
-    return importlib.import_module(f".packing.{target}", __package__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +48,10 @@ class Decision:
         return self.spec.name.removesuffix(".weight")
 
     @property
+    def slot(self) -> Slot:
+        return Slot(self.name, self.spec.shape, self.action, self.mode, self.kept_dtype)
+
+    @property
     def rule_label(self) -> str:
         return f"{self.rule.action}: {self.rule.pattern}" if self.rule else f"default ({self.spec.role})"
 
@@ -67,10 +65,7 @@ class Plan:
 
     def entries(self, target: str) -> list[tuple[Decision, list[Entry]]]:
         """Output tensors per decision for one target, in plan order."""
-        from .packset import Slot, slot_entries
-
-        return [(d, slot_entries(Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype), target,
-                                 self.recipe.group_size, self.scale_dtype)) for d in self.decisions]
+        return [(d, slot_entries(d.slot, target, self.recipe.group_size, self.scale_dtype)) for d in self.decisions]
 
     @property
     def quantized(self) -> list[Decision]:
@@ -86,7 +81,7 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe, targets: tuple[str, ...] |
     recipe.check_matches(specs)
     targets = tuple(targets or recipe.targets)
     for t in targets:
-        packer(t)
+        _target(t, RecipeError)
     decisions = decide_all(specs, {n: t.dtype for n, t in checkpoint.tensors.items()}, recipe)
     plan = Plan(recipe, targets, decisions, SCALE_DTYPES[recipe.scale_dtype])
     for t in targets:
@@ -111,7 +106,8 @@ def _decide(spec: TensorSpec, dtype: torch.dtype, recipe: Recipe) -> Decision:
     where = f"{rule.source}:{rule.line}: rule 'quantize: {rule.pattern}'" if rule else "default rule"
     if not spec.is_linear_weight:
         raise RecipeError(f"{where} matches {spec.name!r} ({spec.role}, shape {list(spec.shape)}), which is not "
-                          "a Linear weight and cannot be quantized; valid: Linear weights only, add a keep rule before it")
+                          "a Linear weight and cannot be quantized; valid: Linear weights only, add a keep rule "
+                          "before it")
     if spec.shape[1] % recipe.group_size:
         raise RecipeError(f"{where}: {spec.name!r} has in_features {spec.shape[1]}, not a multiple of group_size "
                           f"{recipe.group_size}; valid: keep it, or a group_size dividing {spec.shape[1]}")
@@ -130,3 +126,34 @@ def summarize_bytes(plan: Plan, target: str) -> dict:
             kept_bytes += size
     return {"quantized_bytes": quant_bytes, "kept_bytes": kept_bytes, "tensor_bytes": quant_bytes + kept_bytes,
             "quantized_weights": weights, "bits_per_weight": 8 * quant_bytes / weights if weights else 0.0}
+
+
+def _rows(plan: Plan) -> list[tuple[Decision, str, int]]:
+    return [(d, target, sum(e.nbytes for e in entries)) for target in plan.targets
+            for d, entries in plan.entries(target)]
+
+
+def plan_record(plan: Plan) -> dict:
+    """`plan --json`: every tensor's rule, action, mode and bytes per target, and the totals."""
+    return {"tensors": [{"name": d.name, "rule": d.rule_label, "action": d.action, "mode": d.mode, "target": t,
+                         "bytes": b} for d, t, b in _rows(plan)],
+            "totals": {t: summarize_bytes(plan, t) for t in plan.targets}}
+
+
+def format_plan(plan: Plan) -> str:
+    """`plan`'s table: one line per tensor (rule, mode, bytes per target), then the totals."""
+    by_name: dict[str, dict] = {}
+    for d, target, nbytes in _rows(plan):
+        by_name.setdefault(d.name, {"d": d})[target] = nbytes
+    lines = [f"{'tensor':<58} {'rule':<38} {'mode':<8}" + "".join(f" {t + ' bytes':>14}" for t in plan.targets)]
+    for row in by_name.values():
+        d = row["d"]
+        mode = d.mode if d.action == "quantize" else "keep"
+        lines.append(f"{d.name:<58} {d.rule_label[:38]:<38} {mode:<8}"
+                     + "".join(f" {row[t]:>14,}" for t in plan.targets))
+    lines.append(f"{len(plan.quantized)} tensors quantized, {len(plan.kept)} kept")
+    for t in plan.targets:
+        s = summarize_bytes(plan, t)
+        lines.append(f"{t}: {s['tensor_bytes']:,} bytes; quantized linears {s['quantized_bytes']:,} bytes at "
+                     f"{s['bits_per_weight']:.3f} bits/weight; kept {s['kept_bytes']:,} bytes")
+    return "\n".join(lines)

@@ -19,18 +19,14 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import RecipeError
+from .packing.formats import GROUP_SIZES, MODES, RECIPE_KEPT_DTYPES
+from .packing.formats import SCALE_DTYPE_NAMES as SCALE_DTYPES
+from .packing.targets import NAMES as TARGETS
+from .quantizers.solvers import DEFAULT_SOLVERS
+from .quantizers.solvers import MODE_SOLVERS as SOLVERS
 
 FORMAT_VERSION = 1
-MODES = ("binary", "ternary")
-# act-aware and gptq are calibrated (they need a calibration set: --calib or the `calibration:` key).
-# grid reads weights already on the grid (a distilled checkpoint) and refuses anything else.
-SOLVERS = {"binary": ("absmean", "act-aware", "gptq", "grid"),
-           "ternary": ("optimal", "threshold", "act-aware", "gptq", "grid")}
-DEFAULT_SOLVERS = {"binary": "absmean", "ternary": "optimal"}
-GROUP_SIZES = (32, 64, 128)  # what MLX's 1- and 2-bit kernels accept
-SCALE_DTYPES = ("float16", "bfloat16")
-KEPT_DTYPES = ("source", "float16", "bfloat16", "float32")
-TARGETS = ("mlx", "gemlite", "bonsai")
+KEPT_DTYPES = RECIPE_KEPT_DTYPES
 DEFAULT_TARGETS = ("mlx", "gemlite")
 
 _TOP_KEYS = ("format_version", "name", "mode", "group_size", "scale_dtype", "kept_dtype", "solver", "targets",
@@ -78,7 +74,7 @@ class Recipe:
     text: str = field(repr=False)
     calibration: str | None = None  # a calibration set folder, relative to the recipe file's folder
     calibration_line: int = 0
-    distill: dict | None = None  # `distill:` settings given in the file (bonsai_quant.distill.settings)
+    distill: dict | None = None  # `distill:` settings given in the file (bonsai_quant.distill_settings)
 
     def rule_for(self, tensor_name: str) -> Rule | None:
         """The first rule matching `tensor_name` (first match wins), or None."""
@@ -255,7 +251,7 @@ class _Parser:
                       calibration=calibration, calibration_line=calibration_line, distill=distill)
 
     def distill(self, node: Node) -> dict:
-        from .distill.settings import KEYS, DistillSettings
+        from .distill_settings import KEYS, DistillSettings
 
         if not isinstance(node, MappingNode):
             raise self.fail(node, "distill", f"expected a mapping, got {self.describe(node)}",

@@ -16,13 +16,13 @@ from .checkpoint import Checkpoint
 from .convert import DEFAULT_SHARD_BYTES, convert_into, planned_bytes
 from .manifest import check_manifest, write_manifest
 from .output import atomic_output, check_free_space
+from .packing.targets import NAMES, TARGETS
 from .plan import make_plan, summarize_bytes
 from .recipe import Recipe
 from .verify import verify
 
-ALL_TARGETS = ("bonsai", "mlx", "gemlite")
-_PACK_ROLE = {"bonsai": "compact distribution (repack to a runtime layout)", "mlx": "MLX (Apple Silicon)",
-              "gemlite": "gemlite (CUDA)"}
+# Distribution packs first, then the runtime packs in the registry's order: bonsai, mlx, gemlite.
+ALL_TARGETS = tuple(sorted(NAMES, key=lambda name: TARGETS[name].runtime))
 
 
 def plan_release(model: Path, recipe: Recipe, targets: tuple[str, ...] = ALL_TARGETS) -> dict:
@@ -97,7 +97,7 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
              "| pack | for | size | bits/weight (quantized layers) | reduction |", "| --- | --- | --- | --- | --- |",
              f"| source (`{report['source']['name']}`) | 16-bit | {source_gb:.3f} GB | 16 | 1.0x |"]
     for target, t in report["targets"].items():
-        lines.append(f"| `{target}/` | {_PACK_ROLE[target]} | {t['files_bytes'] / 1e9:.3f} GB | "
+        lines.append(f"| `{target}/` | {TARGETS[target].role} | {t['files_bytes'] / 1e9:.3f} GB | "
                      f"{t['bits_per_weight']:.3f} | {report['source']['bytes'] / t['files_bytes']:.1f}x |")
     lines += ["", "Sizes are decimal GB of the files in each folder; every file's size and sha256 is in "
               "`manifest.json`.", ""]

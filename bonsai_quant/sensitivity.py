@@ -24,7 +24,8 @@ import torch
 
 from .errors import BonsaiError
 from .flux2 import inventory
-from .plan import DEFAULT_QUANTIZED_ROLES, SCALE_DTYPES, decide_all
+from .packing.formats import SCALE_DTYPES
+from .plan import DEFAULT_QUANTIZED_ROLES, decide_all
 from .quantizers import CALIBRATED_SOLVERS, dequantize, quantize
 from .recipe import DEFAULT_SOLVERS, Recipe, default_recipe, parse_recipe
 
@@ -157,8 +158,9 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
                 budget_bytes: int | None = None, out: Path | None = None, max_calls: int | None = None,
                 device: str = "cpu", log: Callable[[str], None] = lambda m: None) -> dict:
     """Rank, choose within the budget, compare with the published keep set and write the recipe to `out`."""
-    from .calibration import default_model_dtype, load_calibration, load_model
+    from .calibration import default_model_dtype, load_calibration
     from .checkpoint import Checkpoint
+    from .dense import load_dense
     from .digits import model_dir
 
     model_path = Path(model_path) if model_path is not None else model_dir()
@@ -171,7 +173,7 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
     calib = load_calibration(calib_path)
     calib.check_model(checkpoint.config, str(model_path))
     dtype = default_model_dtype(checkpoint)
-    model = load_model(model_path, dtype=dtype, device=device)
+    model = load_dense(checkpoint, dtype=dtype, device=device)
     start = time.perf_counter()
     ranking = measure(model, calib, mode, solver, max_calls=max_calls, log=log)
     budget = published_budget(ranking) if budget_bytes is None else budget_bytes
@@ -203,7 +205,8 @@ def format_report(r: dict) -> str:
         lines.append("the ranking chooses exactly the published keep set")
     else:
         lines.append(f"the ranking does not choose the published keep set: {len(p['both'])} in common; published "
-                     f"only: {', '.join(p['only_published']) or '-'}; ranking only: {', '.join(p['only_ranking']) or '-'}")
+                     f"only: {', '.join(p['only_published']) or '-'}; "
+                     f"ranking only: {', '.join(p['only_ranking']) or '-'}")
         lines.append(f"published tensors rank {', '.join(map(str, p['published_ranks']))} of {len(r['ranking'])}")
     if r["recipe"]:
         lines.append(f"recipe: {r['recipe']}")

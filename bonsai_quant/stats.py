@@ -71,7 +71,7 @@ class StatsCollector:
             self.acc[name].module = module
 
     def __enter__(self) -> "StatsCollector":
-        for name, acc in self.acc.items():
+        for acc in self.acc.values():
             self.handles.append(acc.module.register_forward_pre_hook(lambda m, args, a=acc: a.add(args[0])))
         return self
 

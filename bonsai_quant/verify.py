@@ -28,14 +28,18 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .describe import CONFIG_NAME, pack_folders
+from .dense import lazy_dense_model, load_dense
 from .errors import BonsaiError
+from .figures import figure, fixed_threads
 from .flux2 import model_kwargs
 from .manifest import check_manifest
-from .figures import figure, fixed_threads
-from .pack_check import check_layout_fields, check_pack, dtype_named
-from .packset import pack_layout, qconfig_text, slots_from_qconfig
-from .plan import BITS, KEPT_DTYPES, SCALE_DTYPES, decide_all, make_plan, packer
+from .pack_check import check_pack
+from .packing.config import PackConfig, dtype_named
+from .packing.folders import CONFIG_NAME, INDEX_NAME, pack_folders
+from .packing.formats import KEPT_DTYPES, MODE_BITS, SCALE_DTYPES
+from .packing.packset import pack_layout, slots_from_config
+from .packing.targets import TARGETS
+from .plan import decide_all, make_plan
 from .quantizers import dequantize, quantize
 from .recipe import parse_recipe
 from .runtime.loader import PackReader
@@ -92,7 +96,6 @@ def _gate(err: float, bound: float, what: str) -> None:
 
 # Files a pack folder holds besides its safetensors (whose names come from the layout).
 PACK_FILES = ("config.json", CONFIG_NAME, "manifest.json")
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
@@ -105,40 +108,13 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return "(key order or formatting)"
 
 
-class _DenseOnCall(torch.nn.Module):
-    """nn.Linear's own computation (F.linear with the whole dense weight), the weight fetched per call.
-
-    The float32 references of a full-size model would need 15.5 GB if every weight were resident; fetching
-    each layer's weight when it runs keeps one at a time, and changes nothing in the arithmetic.
-    """
-
-    def __init__(self, fetch):
-        super().__init__()
-        self.fetch = fetch
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.fetch())
-
-
-def _lazy_dense_model(config: dict, kept: dict[str, torch.Tensor], fetch: dict):
-    from accelerate import init_empty_weights
-    from diffusers import Flux2Transformer2DModel
-
-    with init_empty_weights():
-        model = Flux2Transformer2DModel(**model_kwargs(config))
-    for module, fn in fetch.items():
-        model.set_submodule(module, _DenseOnCall(fn))
-    model.load_state_dict(kept, strict=True, assign=True)
-    return model.eval()
-
-
-def _recorded_recipe(q: dict, source: str):
+def _recorded_recipe(q: PackConfig, source: str):
     """The recipe a pack was made with: its text, with the name and a --mode override the pack records."""
     import dataclasses
 
-    recipe = parse_recipe(q["recipe_yaml"], source)
+    recipe = parse_recipe(q.get("recipe_yaml"), source)
     recorded = q.get("recipe") if isinstance(q.get("recipe"), dict) else {}
-    if recorded.get("mode") in BITS and recorded["mode"] != recipe.mode:
+    if recorded.get("mode") in MODE_BITS and recorded["mode"] != recipe.mode:
         recipe = recipe.with_mode(recorded["mode"])
     if isinstance(recorded.get("name"), str):
         recipe = dataclasses.replace(recipe, name=recorded["name"])
@@ -151,7 +127,7 @@ class PackVerifier:
         self.folder, self.source, self.calib = folder, source, calib
         self.reproducible = reproducible
         self.image_tokens, self.text_tokens, self.seed = image_tokens, text_tokens, seed
-        self.qconfig: dict = {}
+        self.qconfig: PackConfig | None = None
         self.config: dict = {}
         self._reader: PackReader | None = None
 
@@ -160,10 +136,10 @@ class PackVerifier:
         q = self.qconfig
         if self._reader is None:
             self._reader = PackReader(self.folder)
-        pack = packer(q["format"])
-        tensors = {s: self._reader.get(f"{module}.{s}") for s in pack.SUFFIXES}
+        pack = TARGETS[q.format]
+        tensors = {s: self._reader.get(f"{module}.{s}") for s in pack.suffixes}
         try:
-            return pack.unpack(tensors, q["quantized"][module]["mode"], q["group_size"])
+            return pack.unpack(tensors, q.quantized[module].mode, q.group_size)
         except BonsaiError as e:
             _fail(f"{module}: {e}")
 
@@ -175,13 +151,13 @@ class PackVerifier:
         pack = check_pack(self.folder)
         q = self.qconfig = pack.qconfig
         self.config = pack.config
-        check_layout_fields(self.folder / CONFIG_NAME, q)
-        layout = pack_layout(q["format"], q, slots_from_qconfig(q, pack.specs))
+        q.check_layout_fields()
+        layout = pack_layout(q.format, q, slots_from_config(q, pack.specs))
         files = {s.file for s in layout} | ({INDEX_NAME} if len(layout) > 1 else set())
         strangers = sorted(p.name + ("/" if p.is_dir() else "") for p in self.folder.iterdir()
                            if p.name not in files and p.name not in PACK_FILES)
         if strangers:
-            _fail(f"{self.folder}: {', '.join(strangers)} not part of a {q['format']} pack (it holds "
+            _fail(f"{self.folder}: {', '.join(strangers)} not part of a {q.format} pack (it holds "
                   f"{', '.join(sorted(files | set(PACK_FILES)))}); remove what does not belong")
         for shard in layout:  # metadata, order, offsets and padding: the header must be what convert writes
             file = self.folder / shard.file
@@ -209,16 +185,16 @@ class PackVerifier:
     # -- step 2 -------------------------------------------------------------------------------------------
     def exactness(self, step: Step) -> None:
         q, reader = self.qconfig, PackReader(self.folder)
-        for module in q["quantized"]:
+        for module in q.quantized:
             _, scales = self.decode(module)
             if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
                 _fail(f"{module}: scales must be finite and >= 0")
-        for name in q["kept"]:
+        for name in q.kept:
             tensor = reader.get(name)
             if not bool(torch.isfinite(tensor).all()):
                 idx = (~torch.isfinite(tensor)).nonzero()[0].tolist()
                 _fail(f"kept tensor {name!r} holds {tensor[tuple(idx)].item()} at {idx}; valid: finite values")
-        step.detail = f"{len(q['quantized'])} layers decode to codes in their alphabet times 16-bit scales"
+        step.detail = f"{len(q.quantized)} layers decode to codes in their alphabet times 16-bit scales"
         if self.source is None:
             step.detail += "; no --source, so not compared with a re-quantization"
             return
@@ -236,19 +212,19 @@ class PackVerifier:
         scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
         stats = self._calibration_stats(ckpt, decisions)
         self._check_qconfig(ckpt, recipe, stats)
-        pack = packer(q["format"])
+        pack = TARGETS[q.format]
         for d in decisions:
             if d.action == "keep":
-                if d.name not in q["kept"]:
+                if d.name not in q.kept:
                     _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
-                want = ckpt.load(d.name).to(KEPT_DTYPES[q["kept"][d.name]["dtype"]])
+                want = ckpt.load(d.name).to(q.kept[d.name])
                 got = reader.get(d.name)
                 if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
                     idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
                     _fail(f"kept tensor {d.name!r} differs from the source at {idx}: {got[tuple(idx)].item()} "
                           f"in the pack, {want[tuple(idx)].item()} in the source")
                 continue
-            if d.module not in q["quantized"]:
+            if d.module not in q.quantized:
                 _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
             requant = quantize(ckpt.load(d.name), d.mode, recipe.group_size, scale_dtype, d.solver, name=d.name,
                                stats=stats.get(d.name) if stats is not None else None)
@@ -279,13 +255,13 @@ class PackVerifier:
         recorded = q.get("recipe_sha256")
         if recorded != hashlib.sha256(recipe.text.encode()).hexdigest():
             _fail(f"{CONFIG_NAME}: recipe_yaml does not hash to the recorded recipe_sha256 {str(recorded)[:12]}...")
-        want = quantization_config(make_plan(ckpt, recipe), q["shard_bytes"])
+        want = quantization_config(make_plan(ckpt, recipe), q.shard_bytes)
         if stats is not None:
             want["calibration"] = q.get("calibration")  # its fingerprint was checked against --calib
-        want.update({k: v for k, v in q.items() if k not in want})  # distill's training record
-        want_text = qconfig_text(q["format"], want)
+        want.update({k: v for k, v in q.data.items() if k not in want})  # distill's training record
+        want_text = PackConfig.from_dict(want, CONFIG_NAME, require_format=False).for_target(q.format).text()
         if (self.folder / CONFIG_NAME).read_text() != want_text:
-            where = _first_difference(json.loads(want_text), q)
+            where = _first_difference(json.loads(want_text), q.data)
             _fail(f"{CONFIG_NAME}: {where!r} differs from what converting {self.source} under the recorded "
                   "recipe writes")
 
@@ -303,7 +279,7 @@ class PackVerifier:
                   f"({', '.join(sorted({d.solver for d in decisions if d.name in wanted}))}); re-quantizing them "
                   f"needs the calibration set the pack records ({record.get('set', 'unknown')!r}, sha256 "
                   f"{str(record.get('fingerprint'))[:12]}...): --calib SET")
-        from .calibration import load_calibration, load_model
+        from .calibration import load_calibration
         from .stats import BlockStats
 
         calib = load_calibration(self.calib)
@@ -312,18 +288,19 @@ class PackVerifier:
                   f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
         dtype = dtype_named(record.get("model_dtype", "float32"), KEPT_DTYPES,
                             f"{self.folder / CONFIG_NAME}: calibration.model_dtype")
-        return BlockStats(load_model(ckpt.path, dtype=dtype), calib, wanted)
+        return BlockStats(load_dense(ckpt, dtype=dtype), calib, wanted)
 
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
-        fmt = self.qconfig["format"]
+        fmt = self.qconfig.format
         if fmt == "mlx":
             self._mlx_layers(step)
         elif fmt == "gemlite":
             self._gemlite_layers(step)
         else:
             step.status = "skip"
-            step.detail = "compact distribution format: no runtime reads it directly (bonsai-quant repack turns it into one)"
+            step.detail = ("compact distribution format: no runtime reads it directly "
+                           "(bonsai-quant repack turns it into one)")
 
     def _mlx_layers(self, step: Step) -> None:
         import mlx.core as mx
@@ -332,18 +309,18 @@ class PackVerifier:
         arrays = {}
         for file in sorted(self.folder.glob("*.safetensors")):
             arrays.update(mx.load(str(file)))
-        g, worst = self.qconfig["group_size"], 0.0
+        g, worst = self.qconfig.group_size, 0.0
         rng = np.random.default_rng(self.seed)
-        for module, info in self.qconfig["quantized"].items():
+        for module, info in self.qconfig.quantized.items():
             w = dequantize(*self.decode(module), g).numpy()
-            bits = info["bits"]
+            bits = info.bits
             got = mx.dequantize(arrays[f"{module}.weight"], arrays[f"{module}.scales"], arrays[f"{module}.biases"],
                                 group_size=g, bits=bits)
             if not np.array_equal(np.array(got.astype(mx.float32)), w):
                 bad = np.argwhere(np.array(got.astype(mx.float32)) != w)[0].tolist()
                 _fail(f"{module}: mlx.core.dequantize gives {np.array(got.astype(mx.float32))[tuple(bad)]} at {bad}, "
                       f"the pack decodes to {w[tuple(bad)]}")
-            out_f, in_f = info["shape"]
+            out_f, in_f = info.shape
             layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=bits)
             layer.weight, layer.scales, layer.biases = (arrays[f"{module}.{s}"] for s in ("weight", "scales", "biases"))
             x = rng.standard_normal((4, in_f), dtype=np.float32)
@@ -352,7 +329,8 @@ class PackVerifier:
             _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
             worst = max(worst, err)
         step.data["max_rel_error"] = worst
-        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig['quantized'])} layers; QuantizedLinear max "
+        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig.quantized)} layers; "
+                       "QuantizedLinear max "
                        f"rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
 
     def _gemlite_layers(self, step: Step) -> None:
@@ -367,14 +345,14 @@ class PackVerifier:
         from gemlite.core import DType, GemLiteLinearTriton
 
         gemlite.set_packing_bitwidth(8)
-        reader, g, worst = PackReader(self.folder), self.qconfig["group_size"], 0.0
-        dt = {"float16": DType.FP16, "bfloat16": DType.BF16}[self.qconfig["scale_dtype"]]
-        act = SCALE_DTYPES[self.qconfig["scale_dtype"]]
+        reader, g, worst = PackReader(self.folder), self.qconfig.group_size, 0.0
+        act = self.qconfig.scale_dtype
+        dt = {torch.float16: DType.FP16, torch.bfloat16: DType.BF16}[act]
         gen = torch.Generator(device="cuda").manual_seed(self.seed)
-        for module, info in self.qconfig["quantized"].items():
-            out_f, in_f = info["shape"]
-            layer = GemLiteLinearTriton(info["bits"], g, in_f, out_f, dt, dt)
-            layer.load_state_dict({s: reader.get(f"{module}.{s}").cuda() for s in packer("gemlite").SUFFIXES})
+        for module, info in self.qconfig.quantized.items():
+            out_f, in_f = info.shape
+            layer = GemLiteLinearTriton(info.bits, g, in_f, out_f, dt, dt)
+            layer.load_state_dict({s: reader.get(f"{module}.{s}").cuda() for s in TARGETS["gemlite"].suffixes})
             x = torch.randn(16, in_f, generator=gen, device="cuda")
             codes, scales = self.decode(module)
             ref = x @ dequantize(codes.cuda(), scales.cuda(), g).t()
@@ -382,30 +360,30 @@ class PackVerifier:
             _gate(err, GEMLITE_LAYER_BOUND, f"{module}: gemlite output differs from x @ W^T")
             worst = max(worst, err)
         step.data["max_rel_error"] = worst
-        step.detail = f"gemlite ran {len(self.qconfig['quantized'])} layers; max rel error {worst:.1e} (bound {GEMLITE_LAYER_BOUND})"
+        step.detail = (f"gemlite ran {len(self.qconfig.quantized)} layers; max rel error {worst:.1e} "
+                       f"(bound {GEMLITE_LAYER_BOUND})")
 
     def cuda_runtime(self, step: Step) -> None:
         """Every quantized layer through the CUDA backend's kernels, read from this pack's own buffers."""
         from .runtime.cuda import cuda_unavailable_reason
         from .runtime.cuda.layout import codes_of, from_buffers
         from .runtime.cuda.linear import CudaPackedLinear
-        from .runtime.packed_linear import LAYOUT_BUFFERS
 
         reason = cuda_unavailable_reason("cuda")
         if reason is not None:
             step.status, step.detail = "skip", reason
             return
-        reader, g = PackReader(self.folder), self.qconfig["group_size"]
+        reader, g = PackReader(self.folder), self.qconfig.group_size
         if g != 128:
             step.status, step.detail = "skip", f"the cuda backend runs group size 128, this pack has {g}"
             return
         gen = torch.Generator(device="cuda").manual_seed(self.seed)
         worst = {}
         kernels = set()
-        for module, info in self.qconfig["quantized"].items():
-            out_f, in_f = info["shape"]
-            buffers = {s: reader.get(f"{module}.{s}").cuda() for s in LAYOUT_BUFFERS[self.qconfig["format"]]}
-            w = from_buffers(self.qconfig["format"], buffers, in_f, out_f, info["bits"], g)
+        for module, info in self.qconfig.quantized.items():
+            out_f, in_f = info.shape
+            buffers = {s: reader.get(f"{module}.{s}").cuda() for s in TARGETS[self.qconfig.format].buffers}
+            w = from_buffers(self.qconfig.format, buffers, in_f, out_f, info.bits, g)
             codes, scales = self.decode(module)
             if not torch.equal(codes_of(w).cpu(), codes):
                 bad = (codes_of(w).cpu() != codes).nonzero()[0].tolist()
@@ -423,7 +401,7 @@ class PackVerifier:
                 _gate(err, limit, f"{module}: cuda backend ({kernel} kernel, M = {m}) differs from x @ W^T")
                 worst[kernel] = max(worst.get(kernel, 0.0), err)
         step.data.update({f"max_rel_error_{k}": v for k, v in worst.items()})
-        step.detail = (f"cuda backend ran {len(self.qconfig['quantized'])} layers at M = 16 and 256 (kernels "
+        step.detail = (f"cuda backend ran {len(self.qconfig.quantized)} layers at M = 16 and 256 (kernels "
                        f"{', '.join(sorted(kernels))}); codes read bit-exact; max rel error " +
                        ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())) +
                        f" (bounds: 16-bit {CUDA_LAYER_BOUND_16BIT}, fp8 {CUDA_LAYER_BOUND_FP8})")
@@ -438,25 +416,26 @@ class PackVerifier:
         txt_ids[:, 3] = torch.arange(self.text_tokens)
         n = img_ids.shape[0]
         return {"hidden_states": torch.randn(1, n, self.config["in_channels"], generator=gen),
-                "encoder_hidden_states": torch.randn(1, self.text_tokens, self.config["joint_attention_dim"], generator=gen),
+                "encoder_hidden_states": torch.randn(1, self.text_tokens, self.config["joint_attention_dim"],
+                                                     generator=gen),
                 "timestep": torch.tensor([0.625]), "img_ids": img_ids, "txt_ids": txt_ids}
 
     @torch.no_grad()
     def reference_output(self, inputs: dict) -> torch.Tensor:
         """diffusers' own forward, float32, with every quantized weight set to its decoded value."""
-        reader, g = PackReader(self.folder), self.qconfig["group_size"]
-        kept = {name: reader.get(name).float() for name in self.qconfig["kept"]}
-        fetch = {module: (lambda m=module: dequantize(*self.decode(m), g)) for module in self.qconfig["quantized"]}
-        return _lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
+        reader, g = PackReader(self.folder), self.qconfig.group_size
+        kept = {name: reader.get(name).float() for name in self.qconfig.kept}
+        fetch = {module: (lambda m=module: dequantize(*self.decode(m), g)) for module in self.qconfig.quantized}
+        return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
     def source_output(self, inputs: dict) -> torch.Tensor:
         """The unquantized source's float32 forward, its block linears read from disk as they are used."""
         ckpt = Checkpoint(self.source)
-        modules = {m for m in self.qconfig["quantized"]}
+        modules = set(self.qconfig.quantized)
         kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
         fetch = {m: (lambda m=m: ckpt.load(f"{m}.weight").float()) for m in modules}
-        return _lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
+        return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
     def end_to_end(self, step: Step, inputs: dict, reference: torch.Tensor) -> None:
@@ -493,7 +472,7 @@ class PackVerifier:
             self.end_to_end(step, cache["inputs"], cache["reference"])
 
         def mlx_e2e(step):
-            if self.qconfig["format"] != "mlx":
+            if self.qconfig.format != "mlx":
                 step.status, step.detail = "skip", "not an MLX pack"
                 return
             cache.setdefault("inputs", self.inputs())

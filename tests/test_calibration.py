@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonsai_quant.calibration import (CalibrationError, calibrate, load_calibration, load_model, noise_seed,
-                                      resolve_calibration)
+from bonsai_quant.calibration import (
+    CalibrationError,
+    calibrate,
+    load_calibration,
+    load_model,
+    noise_seed,
+    resolve_calibration,
+)
 from bonsai_quant.cli import main
 from bonsai_quant.digits import img_ids, model_dir, sigma_schedule, txt_ids
 from bonsai_quant.recipe import RecipeError, default_recipe, parse_recipe
@@ -196,10 +202,11 @@ def test_recipe_calibration_key(tmp_path):
 
 
 def test_convert_with_a_calibrated_solver(tmp_path, small_set, digits_model, capsys):
+    from safetensors.torch import load_file
+
     from bonsai_quant.fakequant import fake_quantize_model
     from bonsai_quant.packing import mlx
     from bonsai_quant.quantizers import dequantize
-    from safetensors.torch import load_file
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("format_version: 1\nmode: ternary\nsolver: gptq\ntargets: [mlx]\nrules:\n"

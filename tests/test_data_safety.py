@@ -2,7 +2,6 @@
 runs, non-finite values, tampered packs (random bit flips, resealed manifests), and hostile input."""
 
 import hashlib
-import json
 import os
 import random
 import shutil

@@ -9,8 +9,19 @@ import pytest
 import torch
 
 from bonsai_quant import digits
-from bonsai_quant.digits import (CHANNELS, MAX_TOKENS, TextEncoder, check_compatible, euler_sample, image_to_latent,
-                                 img_ids, latent_to_image, model_dir, sigma_schedule, txt_ids)
+from bonsai_quant.digits import (
+    CHANNELS,
+    MAX_TOKENS,
+    TextEncoder,
+    check_compatible,
+    euler_sample,
+    image_to_latent,
+    img_ids,
+    latent_to_image,
+    model_dir,
+    sigma_schedule,
+    txt_ids,
+)
 from bonsai_quant.digits_judge import Judge, feature_stats, frechet_distance
 from bonsai_quant.errors import BonsaiError
 

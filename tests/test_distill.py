@@ -167,8 +167,8 @@ def test_release_from_the_saved_checkpoint_and_grid_recipe_gives_the_same_packs(
 
 
 def test_distilled_pack_scores_what_the_student_scored(distilled):
-    from bonsai_quant.evaluate import evaluate, load_for_eval
     from bonsai_quant.digits import TextEncoder
+    from bonsai_quant.evaluate import evaluate, load_for_eval
 
     student = json.loads((distilled / "distill.json").read_text())["record"]["quality"]
     report, _ = evaluate(load_for_eval(distilled, TextEncoder.load(), target="mlx"), samples=4)

@@ -12,8 +12,8 @@ from bonsai_quant import digits, evaluate
 from bonsai_quant.cli import main
 from bonsai_quant.digits import TextEncoder, model_dir
 from bonsai_quant.digits_judge import Judge
-from bonsai_quant.evaluate import (evaluate as run_eval, generate_digits, grid_size, load_for_eval,
-                                   noise_for, save_grid)
+from bonsai_quant.evaluate import evaluate as run_eval
+from bonsai_quant.evaluate import generate_digits, grid_size, load_for_eval, noise_for, save_grid
 
 SAMPLES = 20  # per digit: 200 images, a few seconds at 4 steps on 2 cores
 

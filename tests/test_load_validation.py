@@ -274,3 +274,28 @@ def test_mlx_runtime_refuses_an_index_entry_outside_the_folder(sharded, tmp_path
     with pytest.raises(PackError, match=rf"model\.safetensors\.index\.json: shard '\.\./{first}' is not a file name "
                                         "in this folder"):
         load_mlx_transformer(pack)
+
+
+@pytest.mark.parametrize("mode", ["binary", "ternary"])
+def test_gemlite_state_is_rebuilt_from_the_loaded_buffers(tiny_ckpt, tmp_path, mode):
+    """use_gemlite builds each GemLiteLinearTriton from what load_transformer read: the rebuilt state must be the
+    pack's stored tensors bit for bit (side tensors included), so the pack is never read a second time."""
+    from bonsai_quant.packing.gemlite import SUFFIXES
+    from bonsai_quant.runtime.gemlite_backend import gemlite_state
+    from bonsai_quant.runtime.loader import PackReader
+    from bonsai_quant.runtime.packed_linear import PackedLinear
+
+    convert(tiny_ckpt, default_recipe(mode), tmp_path / "out", targets=("gemlite",), verbose=False)
+    folder = tmp_path / "out" / "gemlite"
+    model = load_transformer(folder, dtype=torch.bfloat16)
+    reader = PackReader(folder)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 28
+    for name, module in layers:
+        state = gemlite_state(module)
+        assert sorted(state) == sorted(SUFFIXES)
+        for suffix in SUFFIXES:
+            stored = reader.get(f"{name}.{suffix}")
+            assert state[suffix].dtype == stored.dtype and state[suffix].shape == stored.shape, (name, suffix)
+            assert torch.equal(state[suffix].view(torch.uint8) if state[suffix].dim() else state[suffix],
+                               stored.view(torch.uint8) if stored.dim() else stored), (name, suffix)

@@ -18,8 +18,15 @@ from bonsai_quant.flux2 import build_model, inventory, preset_config
 from bonsai_quant.packing import mlx as mlx_layout
 from bonsai_quant.quantizers import dequantize
 from bonsai_quant.recipe import default_recipe
-from bonsai_quant.runtime.mlx_flux2 import (CONFIG_DEFAULTS, MLXFlux2, from_torch_state_dict, load_mlx_transformer,
-                                            mlx_forward_numpy, pack_relative_error, relative_error)
+from bonsai_quant.runtime.mlx_flux2 import (
+    CONFIG_DEFAULTS,
+    MLXFlux2,
+    from_torch_state_dict,
+    load_mlx_transformer,
+    mlx_forward_numpy,
+    pack_relative_error,
+    relative_error,
+)
 
 # Both sides compute in float32 with different summation orders and transcendental implementations, so they
 # can only agree to float32 rounding accumulated over the 4 blocks. Measured: 4e-7 (dense, diffusers' init),
@@ -73,7 +80,7 @@ def test_dense_forward_matches_diffusers(variant):
     model = build_model(config).eval()
     # diffusers initialises RMSNorm gains to 1; perturb them so a swapped norm would be seen.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn_like(p))
     inputs = _inputs(config)

@@ -1,4 +1,5 @@
-"""gemlite pack: exact round trip, W_q equal to gemlite's own packer, metadata as gemlite's pack() sets it."""
+"""gemlite pack: W_q equal to gemlite's own packer, metadata as gemlite's pack() sets it (the round trip is
+test_pack_contract's)."""
 
 from __future__ import annotations
 
@@ -42,26 +43,6 @@ def cases(draw):
 
 def same_bits16(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.int16), b.reshape(-1).view(torch.int16))
-
-
-@SETTINGS
-@given(cases())
-def test_pack_matches_layout_and_round_trips(case):
-    mode, gs, codes, scales = case
-    codes_before, scales_before = codes.clone(), scales.clone()
-    packed = P.pack(codes, scales, mode, gs)
-    spec = P.layout(codes.shape[0], codes.shape[1], mode, gs, scales.dtype)
-    assert tuple(packed) == tuple(spec) == P.SUFFIXES
-    for key, (dtype, shape) in spec.items():
-        t = packed[key]
-        assert (t.dtype, tuple(t.shape), t.device.type) == (dtype, shape, "cpu"), key
-        assert t.is_contiguous() and (t.dim() == 0 or t.stride(-1) == 1), key
-    got_codes, got_scales = P.unpack(packed, mode, gs)
-    assert got_codes.dtype == torch.int8 and torch.equal(got_codes, codes)
-    assert same_bits16(got_scales, scales)
-    assert torch.equal(codes, codes_before) and same_bits16(scales, scales_before)  # pure
-    again = P.pack(codes, scales, mode, gs)
-    assert all(torch.equal(again[k], packed[k]) for k in packed)  # deterministic
 
 
 @needs_oracle
@@ -173,14 +154,6 @@ def _codes(out=2, inn=256, value=1):
 
 def _scales(out=2, groups=2, dtype=torch.float16, value=0.5):
     return full_scales(out, groups, dtype, value)
-
-
-@pytest.mark.parametrize("mode, bad", [("binary", 0), ("ternary", 5)])
-def test_codes_outside_alphabet(mode, bad):
-    codes = _codes()
-    codes[0, 200] = bad
-    with pytest.raises(PackError, match=rf"codes for mode '{mode}' must be .*found {bad} at \[0, 200\]"):
-        P.pack(codes, _scales(), mode, 128)
 
 
 def test_layout_enforces_gemlite_constraints():

@@ -1,4 +1,4 @@
-"""MLX pack: exact round trip, and the real MLX runtime decodes it to codes * s."""
+"""MLX pack: the real MLX runtime decodes it to codes * s (the round trip is test_pack_contract's)."""
 
 from __future__ import annotations
 
@@ -48,26 +48,6 @@ def expected_weight(codes: torch.Tensor, scales: torch.Tensor, gs: int) -> np.nd
 
 def same_bits16(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
-
-
-@SETTINGS
-@given(cases())
-def test_pack_matches_layout_and_round_trips(case):
-    mode, gs, codes, scales = case
-    codes_before, scales_before = codes.clone(), scales.clone()
-    packed = P.pack(codes, scales, mode, gs)
-    spec = P.layout(codes.shape[0], codes.shape[1], mode, gs, scales.dtype)
-    assert tuple(packed) == tuple(spec) == P.SUFFIXES
-    for key, (dtype, shape) in spec.items():
-        t = packed[key]
-        assert (t.dtype, tuple(t.shape), t.device.type) == (dtype, shape, "cpu"), key
-        assert t.is_contiguous() and t.stride(-1) == 1, key
-    got_codes, got_scales = P.unpack(packed, mode, gs)
-    assert got_codes.dtype == torch.int8 and torch.equal(got_codes, codes)
-    assert same_bits16(got_scales, scales)
-    assert torch.equal(codes, codes_before) and same_bits16(scales, scales_before)  # pure
-    again = P.pack(codes, scales, mode, gs)
-    assert all(torch.equal(again[k], packed[k]) for k in packed)  # deterministic
 
 
 @SETTINGS
@@ -138,14 +118,6 @@ def _codes(out=2, inn=128, value=1):
 
 def _scales(out=2, groups=1, dtype=torch.float16, value=0.5):
     return full_scales(out, groups, dtype, value)
-
-
-@pytest.mark.parametrize("mode, bad", [("binary", 0), ("binary", 2), ("ternary", 2), ("ternary", -128)])
-def test_codes_outside_alphabet(mode, bad):
-    codes = _codes()
-    codes[1, 5] = bad
-    with pytest.raises(PackError, match=rf"codes for mode '{mode}' must be .*found {bad} at \[1, 5\]"):
-        P.pack(codes, _scales(), mode, 128)
 
 
 def test_errors_in_layout():

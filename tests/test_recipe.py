@@ -8,8 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bonsai_quant.errors import RecipeError
-from bonsai_quant.recipe import (GROUP_SIZES, KEPT_DTYPES, MODES, SCALE_DTYPES, SOLVERS, TARGETS, Recipe, Rule,
-                                 default_recipe, load_recipe, parse_recipe)
+from bonsai_quant.recipe import (
+    GROUP_SIZES,
+    KEPT_DTYPES,
+    MODES,
+    SCALE_DTYPES,
+    SOLVERS,
+    TARGETS,
+    Recipe,
+    Rule,
+    default_recipe,
+    load_recipe,
+    parse_recipe,
+)
 
 KLEIN_4B_CONFIG = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
                        num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,

@@ -13,8 +13,14 @@ from bonsai_quant.flux2 import inventory
 from bonsai_quant.plan import decide_all
 from bonsai_quant.quantizers import dequantize, quantize
 from bonsai_quant.recipe import load_recipe
-from bonsai_quant.sensitivity import (Sensitivity, choose, compare_with_published, measure, published_budget,
-                                      write_recipe)
+from bonsai_quant.sensitivity import (
+    Sensitivity,
+    choose,
+    compare_with_published,
+    measure,
+    published_budget,
+    write_recipe,
+)
 
 SET = Path(__file__).resolve().parents[1] / "calibration" / "flux2-tiny-digits"
 CALLS = 24

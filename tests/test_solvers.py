@@ -164,8 +164,8 @@ def test_gptq_is_deterministic():
 def digits_stats():
     from bonsai_quant.calibration import load_calibration, load_model
     from bonsai_quant.digits import model_dir
-    from bonsai_quant.plan import decide_all
     from bonsai_quant.flux2 import inventory
+    from bonsai_quant.plan import decide_all
     from bonsai_quant.recipe import default_recipe
     from bonsai_quant.stats import collect_stats
 

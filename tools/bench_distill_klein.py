@@ -94,7 +94,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "mode": args.mode,
+    results: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+                     "mode": args.mode,
                      "image_tokens": (args.image_size // 16) ** 2, "text_tokens": args.text_tokens, "phases": {}}
 
     def phase(name: str, start: float) -> None:

@@ -9,8 +9,9 @@ the reference runtime (bonsai_quant.runtime); then the calibrated solvers (act-a
 with that solver and the shipped calibration set calibration/flux2-tiny-digits, whose noise seeds are disjoint
 from the benchmark's), the keep set `bonsai-quant sensitivity` chooses at the published set's byte budget (with
 the data-free solver, then with gptq), the gptq MLX pack, and the MLX packs `bonsai-quant distill` writes (default
-settings, initialised from the default recipe's data-free solver, then from gptq). Columns: the judge's accuracy (prompt following, the GenEval
-analog), the Fréchet distance of the judge's features to the real digits (fidelity; lower is better) and
+settings, initialised from the default recipe's data-free solver, then from gptq). Columns: the judge's accuracy
+(prompt following, the GenEval analog), the Fréchet distance of the judge's features to the real digits (fidelity;
+lower is better) and
 retention = accuracy / full-precision accuracy, the figure the Bonsai release quotes (~88% binary, ~95% ternary
 of klein 4B). A new quantization method is a new entry in `rows()`.
 """

@@ -106,7 +106,10 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    save = lambda: (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def save():
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+
     ckpt = args.work / args.preset
     if not ckpt.exists():
         t = time.perf_counter()
@@ -148,7 +151,7 @@ def main() -> int:
             del ref32
             ref16 = load_transformer(pack, dtype=torch.bfloat16, device="cuda", backend="reference")
             ref16_out, ref16_s = step_time(ref16, kw16)
-            swapped = use_gemlite(ref16, pack)
+            swapped = use_gemlite(ref16)
             gl_out, gl_s = step_time(ref16, kw16)
             del ref16
             torch.cuda.empty_cache()

@@ -31,9 +31,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bonsai_quant.digits import (CHANNELS, MAX_TOKENS, MODEL_NAME, SHIFT, TEXT_EMBEDDINGS, VOCAB, TextEncoder,
-                                 assets_dir, image_to_latent, img_ids, make_embedding_table, prompt, shift_sigmas,
-                                 txt_ids)
+from bonsai_quant.digits import (
+    CHANNELS,
+    MAX_TOKENS,
+    MODEL_NAME,
+    SHIFT,
+    TEXT_EMBEDDINGS,
+    VOCAB,
+    TextEncoder,
+    assets_dir,
+    image_to_latent,
+    img_ids,
+    make_embedding_table,
+    prompt,
+    shift_sigmas,
+    txt_ids,
+)
 from bonsai_quant.digits_judge import FEATURES, INFO, WEIGHTS, DigitJudge, Judge, feature_stats, frechet_distance
 from bonsai_quant.flux2 import CLASS_NAME
 

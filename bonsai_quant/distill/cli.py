@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
+from ..cli_args import model_from_args, recipe_from_args, targets_arg
+from ..cli_args import positive_int as _positive
 
 
 def cmd_distill(args) -> int:
-    from ..cli import _recipe
-    from ..convert import default_model
     from .settings import DistillSettings
     from .trainer import DistillOptions, distill
 
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     settings = DistillSettings().updated(**(recipe.distill or {})).updated(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, kept_lr=args.kept_lr,
         train_kept=False if args.freeze_kept else None, data_loss=args.data_loss, seed=args.seed,
         inputs=args.inputs, warmup_steps=args.warmup_steps)
-    model = args.model
-    if model is None:
-        print("no --model given: using the built-in flux2-tiny-digits model", file=sys.stderr)
-        model = default_model()
-    opts = DistillOptions(model=Path(model), recipe=recipe, out=args.out, settings=settings, calib=args.calib,
+    opts = DistillOptions(model=Path(model_from_args(args)), recipe=recipe, out=args.out, settings=settings,
+                          calib=args.calib,
                           targets=args.target, force=args.force, resume=args.resume, state_dir=args.state_dir,
                           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every or 0,
                           eval_samples=args.eval_samples, gradient_checkpointing=args.gradient_checkpointing,
@@ -65,7 +55,7 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("binary", "ternary"),
                    help="quantization mode (default: the recipe's; ternary without a recipe)")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
-    p.add_argument("--target", type=_targets_arg, help="comma-separated packs to write (default: the recipe's)")
+    p.add_argument("--target", type=targets_arg, help="comma-separated packs to write (default: the recipe's)")
     p.add_argument("--out", type=Path, required=True, help="output folder (packs, report.json, distill.json)")
     p.add_argument("--calib", type=Path, metavar="SET",
                    help="calibration set: the trajectories to train on (default: the recipe's calibration key)")
@@ -100,8 +90,3 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
     return p
 
-
-def _targets_arg(value: str):
-    from ..cli import _targets
-
-    return _targets(value)

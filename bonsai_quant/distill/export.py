@@ -31,7 +31,8 @@ def grid_recipe(recipe: Recipe) -> Recipe:
     data.pop("calibration", None)  # grid needs no statistics
     data.pop("distill", None)      # the training settings are recorded under `distill`
     text = ("# Written by `bonsai-quant distill`: the packs hold the trained codes and scales, which the grid solver\n"
-            "# reads back exactly from the student's weights. The recipe it was trained from is in distill.recipe_yaml.\n"
+            "# reads back exactly from the student's weights. The recipe it was trained from is in "
+            "distill.recipe_yaml.\n"
             + yaml.safe_dump(data, sort_keys=False))
     return parse_recipe(text, f"{recipe.name} (distilled)")
 

@@ -22,7 +22,8 @@ def codes_of(weight: torch.Tensor, scales16: torch.Tensor, mode: str, group_size
     if mode == "binary":
         return torch.where(weight >= 0, 1.0, -1.0)
     out_features, in_features = weight.shape
-    groups = weight.reshape(out_features, -1, group_size) / scales16.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+    tiny = torch.finfo(torch.float32).tiny
+    groups = weight.reshape(out_features, -1, group_size) / scales16.clamp(min=tiny)[..., None]
     return groups.round().clamp(-1, 1).reshape(out_features, in_features)
 
 
@@ -100,7 +101,8 @@ class FakeQuantLinear(torch.nn.Module):
         else:
             half = 0.5 * cell
             w = torch.where(c > 0, torch.maximum(w, half + margin),
-                            torch.where(c < 0, torch.minimum(w, -half - margin), w.clamp(-half + margin, half - margin)))
+                            torch.where(c < 0, torch.minimum(w, -half - margin),
+                                        w.clamp(-half + margin, half - margin)))
         return cls(w, s, linear.bias.detach() if linear.bias is not None else None, mode, group_size, scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

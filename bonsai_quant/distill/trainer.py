@@ -81,7 +81,8 @@ def lr_factor(step: int, settings: DistillSettings) -> float:
 
 def run_fingerprint(opts: DistillOptions, calib) -> dict:
     """What a checkpoint must share with the run resuming it."""
-    return {"model": str(Path(opts.model).resolve()), "recipe_sha256": hashlib.sha256(opts.recipe.text.encode()).hexdigest(),
+    return {"model": str(Path(opts.model).resolve()),
+            "recipe_sha256": hashlib.sha256(opts.recipe.text.encode()).hexdigest(),
             "settings": opts.settings.to_dict(), "calibration": calib.fingerprint(),
             "targets": list(opts.targets or opts.recipe.targets)}
 
@@ -124,8 +125,9 @@ class Trainer:
         return None
 
     def load(self, resume_from: Path | None) -> None:
-        from ..calibration import default_model_dtype, load_calibration, load_model
+        from ..calibration import default_model_dtype, load_calibration
         from ..checkpoint import Checkpoint
+        from ..dense import load_dense
         from ..plan import make_plan
         from .inputs import DigitsData, TrajectoryInputs
 
@@ -147,8 +149,8 @@ class Trainer:
         teacher_dtype = torch.bfloat16 if big or self.acc.mixed_precision == "bf16" else torch.float32
         self.log(f"teacher: {checkpoint.path} ({str(teacher_dtype).removeprefix('torch.')} on {device}); "
                  f"calibration: {self.calib.path} ({self.calib.trajectories} trajectories x {self.calib.steps} steps)")
-        self.teacher = load_model(checkpoint.path, dtype=teacher_dtype, device=str(device)).requires_grad_(False)
-        student = load_model(checkpoint.path, dtype=torch.float32, device="cpu")
+        self.teacher = load_dense(checkpoint, dtype=teacher_dtype, device=str(device)).requires_grad_(False)
+        student = load_dense(checkpoint, dtype=torch.float32, device="cpu")
         self.init_solvers = self.make_student(student, resume_from is None)
         self.digits = self.encoder = None
         if self.settings.data_loss > 0 or opts.eval_every:

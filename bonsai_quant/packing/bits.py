@@ -13,9 +13,10 @@ import sys
 import torch
 
 from bonsai_quant.errors import PackError
+from bonsai_quant.packing import formats
+from bonsai_quant.packing.formats import MODE_BITS
 
-MODE_BITS = {"binary": 1, "ternary": 2}
-SCALE_DTYPES = (torch.float16, torch.bfloat16)
+SCALE_DTYPES = tuple(formats.SCALE_DTYPES.values())
 _ALPHABET = {"binary": "-1 or +1", "ternary": "-1, 0 or +1"}
 
 

@@ -27,6 +27,8 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
 
 SUFFIXES: tuple[str, ...] = ("codes", "scales")
+# The suffixes `decode_rows` takes, in its argument order (what `PackedLinear` holds as buffers).
+BUFFERS: tuple[str, ...] = ("codes", "scales")
 _TARGET = "bonsai"
 TRITS_PER_BYTE = 5
 _TRIT_BYTES = 3 ** TRITS_PER_BYTE  # 243: bytes at or above this hold no 5-trit group
@@ -175,3 +177,13 @@ def _in_features(width: int, groups: int, mode: str, group_size: int) -> int:
 def _check_group_size(group_size: int) -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise PackError(f"group_size must be a positive int, got {group_size!r}")
+
+
+# The runtime decoder (`PackedLinear`): dense rows [start:stop] of the stored buffers, exactly codes * s.
+def decode_rows(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, start: int, stop: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Dense rows of the compact layout (1-bit signs, or 5 trits per byte), through its own exact unpack."""
+    mode = "binary" if bits == 1 else "ternary"
+    c, s = unpack({"codes": codes[start:stop], "scales": scales[start:stop]}, mode, group_size)
+    rows = c.shape[0]
+    return (c.view(rows, -1, group_size).to(dtype) * s.to(dtype).unsqueeze(-1)).view(rows, -1)

@@ -22,6 +22,8 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
 
 SUFFIXES: tuple[str, ...] = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale")
+# The suffixes `decode_rows` takes, in its argument order (what `PackedLinear` holds as buffers).
+BUFFERS: tuple[str, ...] = ("W_q", "scales", "zeros")
 _TARGET = "gemlite"
 
 # gemlite.dtypes.DType values as they appear in metadata.
@@ -92,11 +94,16 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, mode: str, group_size: int) 
     else:
         stored = B.dense(s.t())
         zeros = torch.tensor(1, dtype=torch.int32)
+    return {"W_q": w_q, "scales": stored, "zeros": zeros,
+            **side_tensors(out_features, in_features, mode, group_size, s.dtype)}
+
+
+def side_tensors(out_features: int, in_features: int, mode: str, group_size: int,
+                 scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of a pack beside BUFFERS: functions of the layer's configuration only, so a runtime holding
+    the buffers can rebuild the whole `GemLiteLinearTriton` state without reading the pack again."""
     return {
-        "W_q": w_q,
-        "scales": stored,
-        "zeros": zeros,
-        "metadata": torch.tensor(meta_args(mode, group_size, s.dtype), dtype=torch.int32),
+        "metadata": torch.tensor(meta_args(mode, group_size, scale_dtype), dtype=torch.int32),
         "orig_shape": torch.tensor([out_features, in_features], dtype=torch.int32),
         "meta_scale": torch.tensor(0.0, dtype=torch.float32),
     }
@@ -136,3 +143,21 @@ def unpack(tensors: dict[str, torch.Tensor], mode: str, group_size: int) -> tupl
         raise PackError(f"{_TARGET} binary pack: scales must equal 2 * -zeros bit-for-bit to decode to codes * s; "
                         f"at [out, group] {at} scales={stored[tuple(at)].item()} zeros={zeros[tuple(at)].item()}")
     return codes, s
+
+
+# The runtime decoder (`PackedLinear`): dense rows [start:stop] of the stored buffers, exactly codes * s.
+def decode_rows(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [stop-start, in] rows (output features) of a gemlite-layout linear.
+
+    binary (fma mode): w = q * scales + zeros; ternary (integer zero point z): w = (q - z) * scales.
+    """
+    q = B.unpack_bytes(w_q[:, start:stop].t().contiguous(), bits)
+    rows = q.shape[0]
+    w = q.view(rows, -1, group_size).to(dtype)
+    s = scales[:, start:stop].t().to(dtype).unsqueeze(-1)
+    if zeros.dim() == 0:
+        w.sub_(zeros.to(dtype)).mul_(s)
+    else:
+        w.mul_(s).add_(zeros[:, start:stop].t().to(dtype).unsqueeze(-1))
+    return w.view(rows, -1)

@@ -11,10 +11,14 @@ import torch
 
 from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
+from bonsai_quant.packing.formats import GROUP_SIZES
 
 SUFFIXES: tuple[str, ...] = ("weight", "scales", "biases")
+# The suffixes `decode_rows` takes, in its argument order (what `PackedLinear` holds as buffers).
+BUFFERS: tuple[str, ...] = ("weight", "scales", "biases")
 _TARGET = "MLX"
-_GROUP_SIZES = (32, 64, 128)
+# MLX's affine 1- and 2-bit kernels: the group sizes every recipe may use.
+_GROUP_SIZES = GROUP_SIZES
 
 
 def layout(out_features: int, in_features: int, mode: str, group_size: int,
@@ -70,3 +74,14 @@ def unpack(tensors: dict[str, torch.Tensor], mode: str, group_size: int) -> tupl
         raise PackError(f"{_TARGET} {mode} pack: scales must equal {rel} bit-for-bit to decode to codes * s; "
                         f"at {at} scales={stored[tuple(at)].item()} biases={biases[tuple(at)].item()}")
     return codes, s
+
+
+# The runtime decoder (`PackedLinear`): dense rows [start:stop] of the stored buffers, exactly codes * s.
+def decode_rows(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int,
+             start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [stop-start, in] rows of an MLX-layout linear: w = scales * q + biases."""
+    q = B.unpack_bytes(weight[start:stop].contiguous().view(torch.uint8), bits)
+    rows = q.shape[0]
+    w = q.view(rows, -1, group_size).to(dtype)
+    w.mul_(scales[start:stop].to(dtype).unsqueeze(-1)).add_(biases[start:stop].to(dtype).unsqueeze(-1))
+    return w.view(rows, -1)

@@ -18,11 +18,9 @@ import torch
 
 from ..errors import BonsaiError
 from . import act_aware, binary, gptq, ternary
+from .solvers import CALIBRATED_SOLVERS, MODE_SOLVERS
 
-# What a calibrated solver needs from the calibration statistics: "diag" (E[x_j^2]) or "hessian" (E[x x^T]).
-CALIBRATED_SOLVERS = {"act-aware": "diag", "gptq": "hessian"}
-SOLVERS = {"binary": binary.SOLVERS + tuple(CALIBRATED_SOLVERS),
-           "ternary": ternary.SOLVERS + tuple(CALIBRATED_SOLVERS)}
+SOLVERS = MODE_SOLVERS
 _MODULES = {"binary": binary, "ternary": ternary}
 ROWS_PER_CHUNK = 1024  # bounds temporaries (sort indices are int64) to ~100 MB for klein's widest layers
 

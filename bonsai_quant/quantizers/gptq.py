@@ -38,7 +38,8 @@ DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
 
 
-def prepare(hessian: torch.Tensor, damp: float = DEFAULT_DAMP, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+def prepare(hessian: torch.Tensor, damp: float = DEFAULT_DAMP,
+            name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor of (H + lambda I)^-1 as float32, mask of dead input channels)."""
     h = hessian.to(torch.float64).clone()
     dead = torch.diagonal(h) <= 0

@@ -7,15 +7,17 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import read_folder_headers
-from ..describe import CONFIG_NAME, pack_folders
 from ..errors import PackError
 from ..flux2 import model_kwargs
-from ..pack_check import INDEX_NAME, WEIGHTS_NAME, open_pack
+from ..pack_check import open_pack
+from ..packing.folders import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, pack_folders
+from ..packing.targets import NAMES, TARGETS
 from ..shards import read_json
 from .cuda.backend import apply_backend, choose_backend
-from .packed_linear import LAYOUT_BUFFERS, PackedLinear
+from .packed_linear import PackedLinear
 
-TARGET_PREFERENCE = ("mlx", "gemlite", "bonsai")
+# Where a convert output holds several packs: the registry's order.
+TARGET_PREFERENCE = NAMES
 
 
 def _format_of(folder: Path) -> str:
@@ -38,7 +40,7 @@ def resolve_pack(path: Path, target: str | None = None) -> Path:
     for fmt in TARGET_PREFERENCE:
         if fmt in formats:
             return formats[fmt]
-    raise PackError(f"{path}: no MLX, gemlite or bonsai pack found (formats: {sorted(formats)})")
+    raise PackError(f"{path}: no {', '.join(NAMES)} pack found (formats: {sorted(formats)})")
 
 
 def pack_files(folder: Path) -> dict[str, Path]:
@@ -86,15 +88,15 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     pack = open_pack(folder)
     qconfig, layout = pack.qconfig, pack.format
     reader = PackReader(folder, pack.headers)
-    suffixes = LAYOUT_BUFFERS[layout]
+    suffixes = TARGETS[layout].buffers
     with init_empty_weights():
         model = Flux2Transformer2DModel(**model_kwargs(pack.config))
-    for module, q in qconfig["quantized"].items():
-        out_features, in_features = q["shape"]
+    for module, q in qconfig.quantized.items():
+        out_features, in_features = q.shape
         buffers = {s: reader.get(f"{module}.{s}").to(device) for s in suffixes}
-        model.set_submodule(module, PackedLinear(layout, in_features, out_features, q["bits"],
-                                                 qconfig["group_size"], buffers))
-    kept = {name: reader.get(name).to(device=device, dtype=dtype) for name in qconfig["kept"]}
+        model.set_submodule(module, PackedLinear(layout, in_features, out_features, q.bits, qconfig.group_size,
+                                                 buffers))
+    kept = {name: reader.get(name).to(device=device, dtype=dtype) for name in qconfig.kept}
     model.load_state_dict(kept, strict=False, assign=True)
     model.register_to_config(_name_or_path=str(folder))
     return apply_backend(model, folder, backend).eval()

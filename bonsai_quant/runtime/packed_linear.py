@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from . import decode
+from ..packing.targets import NAMES, TARGETS
 
 SLICE_BYTES = 32 * 2**20
-LAYOUT_BUFFERS = {"mlx": ("weight", "scales", "biases"), "gemlite": ("W_q", "scales", "zeros"),
-                  "bonsai": ("codes", "scales")}
-_DECODERS = {"mlx": decode.mlx_rows, "gemlite": decode.gemlite_rows, "bonsai": decode.bonsai_rows}
+# layout -> the buffers its decoder takes, in order (the registry's `Target.buffers`).
+LAYOUT_BUFFERS = {name: t.buffers for name, t in TARGETS.items()}
 
 
 class PackedLinear(torch.nn.Module):
@@ -23,7 +22,7 @@ class PackedLinear(torch.nn.Module):
                  buffers: dict[str, torch.Tensor]):
         super().__init__()
         if layout not in LAYOUT_BUFFERS:
-            raise ValueError(f"unknown layout {layout!r}")
+            raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(NAMES)}")
         self.layout, self.in_features, self.out_features = layout, in_features, out_features
         self.bits, self.group_size = bits, group_size
         names = LAYOUT_BUFFERS[layout]
@@ -33,7 +32,7 @@ class PackedLinear(torch.nn.Module):
 
     def dense_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         buffers = [getattr(self, n) for n in self._names]
-        return _DECODERS[self.layout](*buffers, self.bits, self.group_size, start, stop, dtype)
+        return TARGETS[self.layout].decode_rows(*buffers, self.bits, self.group_size, start, stop, dtype)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dense_rows(0, self.out_features, dtype)

@@ -1,26 +1,23 @@
 """Writing one quantized model into several pack folders at once, in one fixed, reproducible layout.
 
-`convert` feeds it from a checkpoint and the quantizers; `repack` from a compact pack. Both describe the
-model the same way (slots in architecture order, one quantization_config whose only per-target field is
-"format"), so the same model gives byte-identical packs whichever way it arrives.
+`convert` feeds it from a checkpoint and the quantizers; `repack` from a compact pack; `distill` from a trained
+student. All describe the model the same way (slots in architecture order, one PackConfig whose only per-target
+field is "format"), so the same model gives byte-identical packs whichever way it arrives.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Entry, Shard, ShardedWriter, shard_layout
-from .describe import CONFIG_NAME
-from .manifest import write_manifest
-from .plan import KEPT_DTYPES, SCALE_DTYPES, packer
-
-PACK_STEM = "model"
-SAFETENSORS_FORMAT = {"mlx": "mlx", "gemlite": "pt", "bonsai": "pt"}
+from ..checkpoint import Entry, Shard, ShardedWriter, shard_layout
+from ..manifest import write_manifest
+from .config import PackConfig
+from .folders import PACK_STEM
+from .targets import target as registered
 
 
 @dataclass(frozen=True)
@@ -40,61 +37,70 @@ class Slot:
 def slot_entries(slot: Slot, target: str, group_size: int, scale_dtype: torch.dtype) -> list[Entry]:
     if slot.action == "keep":
         return [Entry(slot.name, slot.kept_dtype, slot.shape)]
-    layout = packer(target).layout(*slot.shape, slot.mode, group_size, scale_dtype)
+    layout = registered(target).layout(*slot.shape, slot.mode, group_size, scale_dtype)
     return [Entry(f"{slot.module}.{suffix}", dtype, tuple(shape)) for suffix, (dtype, shape) in layout.items()]
 
 
-def slots_from_qconfig(qconfig: dict, specs) -> list[Slot]:
+def slots_from_config(qconfig: PackConfig, specs) -> list[Slot]:
     """Slots of a pack described by its quantization_config, in architecture (inventory) order."""
     slots = []
     for name, spec in specs.items():
         module = name.removesuffix(".weight")
-        if module in qconfig["quantized"] and name.endswith(".weight"):
-            slots.append(Slot(name, spec.shape, "quantize", mode=qconfig["quantized"][module]["mode"]))
+        if module in qconfig.quantized and name.endswith(".weight"):
+            slots.append(Slot(name, spec.shape, "quantize", mode=qconfig.quantized[module].mode))
         else:
-            slots.append(Slot(name, spec.shape, "keep", kept_dtype=KEPT_DTYPES[qconfig["kept"][name]["dtype"]]))
+            slots.append(Slot(name, spec.shape, "keep", kept_dtype=qconfig.kept[name]))
     return slots
 
 
-def safetensors_metadata(target: str, qconfig: dict) -> dict[str, str]:
+def safetensors_metadata(target: str, qconfig: PackConfig) -> dict[str, str]:
     """The `__metadata__` of every safetensors file of a pack: loaders read `format`."""
-    recipe = qconfig["recipe"]
-    return {"format": SAFETENSORS_FORMAT[target], "producer": f"bonsai-quant {qconfig['tool']['version']}",
-            "recipe": recipe["name"], "mode": recipe["mode"]}
+    return {"format": registered(target).safetensors_format, "producer": f"bonsai-quant {qconfig.tool_version}",
+            "recipe": qconfig.recipe_name, "mode": qconfig.recipe_mode}
 
 
-def pack_entries(target: str, qconfig: dict, slots: list[Slot]) -> list[Entry]:
-    scale_dtype = SCALE_DTYPES[qconfig["scale_dtype"]]
-    return [e for s in slots for e in slot_entries(s, target, qconfig["group_size"], scale_dtype)]
+def pack_entries(target: str, qconfig: PackConfig, slots: list[Slot]) -> list[Entry]:
+    return [e for s in slots for e in slot_entries(s, target, qconfig.group_size, qconfig.scale_dtype)]
 
 
-def pack_layout(target: str, qconfig: dict, slots: list[Slot]) -> list[Shard]:
+def pack_layout(target: str, qconfig: PackConfig, slots: list[Slot]) -> list[Shard]:
     """The safetensors files a pack of `target` holds, header bytes included (verify rebuilds and compares)."""
-    return shard_layout(pack_entries(target, qconfig, slots), PACK_STEM, qconfig["shard_bytes"],
+    return shard_layout(pack_entries(target, qconfig, slots), PACK_STEM, qconfig.shard_bytes,
                         safetensors_metadata(target, qconfig))
 
 
-def qconfig_text(target: str, qconfig: dict) -> str:
-    """quantization_config.json of one target's pack, as written."""
-    return json.dumps({**qconfig, "format": target}, indent=2) + "\n"
-
-
 class PackSet:
-    def __init__(self, folders: dict[str, Path], config_json: Path, qconfig: dict, slots: list[Slot]):
+    """Use as a context manager: the packs are closed (manifests written) when the block ends, aborted (their
+    writers' temporaries removed) when it raises."""
+
+    def __init__(self, folders: dict[str, Path], config_json: Path, qconfig: PackConfig, slots: list[Slot]):
         """folders: target -> pack folder to fill (made if missing)."""
         self.folders = {t: Path(f) for t, f in folders.items()}
-        self.group_size = qconfig["group_size"]
+        self.group_size = qconfig.group_size
         self.writers: dict[str, ShardedWriter] = {}
         try:
             for target, folder in self.folders.items():
                 folder.mkdir(exist_ok=True)
                 shutil.copyfile(config_json, folder / "config.json")
-                (folder / CONFIG_NAME).write_text(qconfig_text(target, qconfig))
+                qconfig.for_target(target).write(folder)
                 self.writers[target] = ShardedWriter(folder, pack_entries(target, qconfig, slots), PACK_STEM,
-                                                     qconfig["shard_bytes"], safetensors_metadata(target, qconfig))
+                                                     qconfig.shard_bytes, safetensors_metadata(target, qconfig))
         except BaseException:
             self.abort()
             raise
+
+    def __enter__(self) -> PackSet:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
 
     def kept(self, slot: Slot, tensor: torch.Tensor) -> None:
         for writer in self.writers.values():
@@ -102,7 +108,7 @@ class PackSet:
 
     def quantized(self, slot: Slot, codes: torch.Tensor, scales: torch.Tensor) -> None:
         for target, writer in self.writers.items():
-            for suffix, packed in packer(target).pack(codes, scales, slot.mode, self.group_size).items():
+            for suffix, packed in registered(target).pack(codes, scales, slot.mode, self.group_size).items():
                 writer.write(f"{slot.module}.{suffix}", packed)
 
     def close(self) -> None:

@@ -1,0 +1,23 @@
+"""The pack-folder contract: which files make a pack folder, and how a convert output holds several."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import PackError
+
+CONFIG_NAME = "quantization_config.json"
+PACK_STEM = "model"
+WEIGHTS_NAME = f"{PACK_STEM}.safetensors"
+INDEX_NAME = f"{PACK_STEM}.safetensors.index.json"
+
+
+def pack_folders(path: Path) -> list[Path]:
+    """A pack folder itself, or the per-target pack folders of a convert output."""
+    path = Path(path)
+    if (path / CONFIG_NAME).exists():
+        return [path]
+    found = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
+    if not found:
+        raise PackError(f"{path}: no {CONFIG_NAME} here or one level down; is this a bonsai-quant pack?")
+    return found
