@@ -69,18 +69,22 @@ def load_bitpack() -> tuple[types.ModuleType | None, str]:
     if src is None:
         return None, how
     saved = {name: sys.modules.get(name) for name in _NAMES}
+    stand_in = importlib.util.find_spec("triton") is None
     try:
         package = types.ModuleType("gemlite")
         package.__path__ = [str(src)]
         sys.modules["gemlite"] = package
-        if importlib.util.find_spec("triton") is None:
+        if stand_in:
             sys.modules.update(_triton_stand_in())
         module = importlib.import_module("gemlite.bitpack")
     except Exception as exc:  # an oracle that cannot load is a skip, not a failure of our code
         return None, f"could not import gemlite.bitpack from {src}: {exc!r}"
     finally:
         # Leave no fake `gemlite`/`triton` behind for other code that probes for them.
+        # A real triton imported on the way stays: dropping only some of its submodules would break it.
         for name, mod in saved.items():
+            if name.startswith("triton") and not stand_in:
+                continue
             if mod is None:
                 sys.modules.pop(name, None)
             else:
