@@ -64,6 +64,107 @@ def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stri
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+SIGN = -2147483648  # the fp32 sign bit as an int32 constant
+
+
+@triton.jit
+def _x_times_codes(xj, b, j: tl.constexpr, ENC: tl.constexpr):
+    """x[k] * code[k, n] in fp32 for the j-th code of every byte: xj [KB] fp32, b [KB, BN] int32 bytes.
+
+    Binary: a code of -1 flips x's sign bit (one shift and one three-input logic op per weight, no multiply,
+    no int-to-float conversion). Ternary: 2**23 + q as fp32 bits is exact, minus 2**23 + 1 gives q - 1."""
+    if ENC == 1:
+        xb = xj.to(tl.int32, bitcast=True)
+        return (xb[:, None] ^ (~(b << (31 - j)) & SIGN)).to(tl.float32, bitcast=True)
+    else:
+        q = (b >> (2 * j)) & 3
+        c = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
+        return xj[:, None] * c
+
+
+@triton.jit
+def _codes_16(b, j: tl.constexpr, ENC: tl.constexpr, ONE: tl.constexpr, DT: tl.constexpr):
+    """The j-th code of every byte as a 16-bit float (ONE: the bits of 1.0 in that format), built with
+    integer ops on the bit pattern: the sign bit is the code's."""
+    if ENC == 1:
+        v = ((b << (15 - j)) & 0x8000) ^ (ONE | 0x8000)
+    else:
+        q = (b >> (2 * j)) & 3
+        v = (ONE | (((q & 2) ^ 2) << 14)) * ((q & 1) ^ 1)
+    return v.to(tl.int16).to(DT, bitcast=True)
+
+
+@triton.jit
+def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, stride_os,
+                       ENC: tl.constexpr, GPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Few rows (M <= a handful): each program owns one row, BLOCK_N outputs and GPS groups of K (split K
+    when GPS < K / 128). Each code byte is loaded once and expanded in registers, the group's 128 products
+    summed in fp32 before its scale multiplies them. Row programs of one tile run side by side (axis 0), so
+    the tile's bytes come from L2 after the first."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER: tl.constexpr = 8 if ENC == 1 else 4
+    KB: tl.constexpr = 128 // PER
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, GPS):
+        g = pid_k * GPS + i
+        offs_kb = g * KB + tl.arange(0, KB)
+        b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
+        part = tl.zeros((KB, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            xj = tl.load(x_ptr + m * stride_xm + offs_kb * PER + j).to(tl.float32)
+            part += _x_times_codes(xj, b, j, ENC)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.sum(part, axis=0) * s
+    tl.store(out_ptr + pid_k * stride_os + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def packed_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, stride_os,
+                      ENC: tl.constexpr, GPS: tl.constexpr, ONE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Up to 64 rows on tensor cores: per group, the [128 / PER, BLOCK_N] code bytes are loaded once and the
+    j-th code of each byte is a [KB, BLOCK_N] operand against the activations x[:, PER * kb + j] (so no
+    reshape of the expanded tile is needed); the group's partial product is fp32, then scaled."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER: tl.constexpr = 8 if ENC == 1 else 4
+    KB: tl.constexpr = 128 // PER
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, GPS):
+        g = pid_k * GPS + i
+        offs_kb = g * KB + tl.arange(0, KB)
+        b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_kb[None, :] * PER + j, mask=mask_m[:, None],
+                         other=0.0)
+            part = tl.dot(xj, _codes_16(b, j, ENC, ONE, x_ptr.dtype.element_ty), part)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+    tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over the SPLIT fp32 partial outputs, in split order (deterministic, no atomics)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _round_e4m3(v):
     """v (fp32, |v| <= 448) rounded to nearest-even on the e4m3 grid, as fp32.

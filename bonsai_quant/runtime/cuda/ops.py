@@ -60,12 +60,68 @@ def _matmul_candidates(m: int) -> list[dict]:
             for bm, n, w, s in ((128, 128, 8, 3), (64, 128, 4, 3))]
 
 
+SMALL_M = 64  # up to here the byte-once kernels run (the weight read is the cost); above, the tiled kernel
+ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # the bit pattern of 1.0
+
+
+def _small_m_candidates(m: int, groups: int) -> list[dict]:
+    """Tiles for the byte-once kernels: split K keeps >= ~2 programs per SM on the 3072-wide layers."""
+    if m <= 4:
+        cands = [dict(kind="gemv", BLOCK_N=bn, SPLIT=sp, num_warps=w, num_stages=st)
+                 for bn, sp, w, st in ((128, 2, 4, 3), (128, 1, 4, 3), (64, 4, 4, 3), (128, 8, 4, 2),
+                                       (256, 4, 8, 3))]
+        cands.append(dict(kind="dot", BLOCK_M=16, BLOCK_N=64, SPLIT=4, num_warps=4, num_stages=3))
+    else:
+        bm = max(16, m_bucket(m))
+        cands = [dict(kind="dot", BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, num_warps=w, num_stages=st)
+                 for bn, sp, w, st in ((64, 2, 4, 3), (128, 1, 4, 3), (64, 4, 4, 3), (128, 4, 8, 3),
+                                       (64, 8, 4, 2))]
+    cands = [c for c in cands if groups % c["SPLIT"] == 0]
+    cands.append(dict(kind="tiled", BLOCK_M=16 if m <= 16 else m_bucket(m), BLOCK_N=32, SPLIT=1, num_warps=4,
+                      num_stages=3))
+    return cands
+
+
+def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str, BLOCK_N: int, SPLIT: int,
+                   num_warps: int, num_stages: int, BLOCK_M: int = 1) -> None:
+    """y[M, N] = x @ (codes * s)^T through one byte-once kernel ("gemv": one row per program, fp32 FMAs;
+    "dot": tensor cores) or the tiled one ("tiled"), with K split SPLIT ways and the fp32 partial outputs
+    summed in split order by a second launch."""
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    enc = ENCODINGS[w.encoding]
+    if kind == "tiled":
+        grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
+        K.packed_matmul_kernel[grid](x, w.codes, w.scales, y, m, n, k, x.stride(0), y.stride(0), ENC=enc,
+                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=x.dtype == torch.float32,
+                                     num_warps=num_warps, num_stages=num_stages)
+        return
+    gps = k // K.GROUP // SPLIT
+    out = y if SPLIT == 1 else torch.empty(SPLIT, m, n, dtype=torch.float32, device=x.device)
+    stride_os = 0 if SPLIT == 1 else m * n
+    if kind == "gemv":
+        K.packed_gemv_kernel[(m, -(-n // BLOCK_N), SPLIT)](x, w.codes, w.scales, out, m, n, x.stride(0), n,
+                                                           stride_os, ENC=enc, GPS=gps, BLOCK_N=BLOCK_N,
+                                                           num_warps=num_warps, num_stages=num_stages)
+    else:
+        K.packed_dot_kernel[(-(-n // BLOCK_N), -(-m // BLOCK_M), SPLIT)](
+            x, w.codes, w.scales, out, m, n, x.stride(0), n, stride_os, ENC=enc, GPS=gps,
+            ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    if SPLIT > 1:
+        K.split_sum_kernel[(-(-(m * n) // 1024),)](out, y, m * n, SPLIT=SPLIT, BLOCK=1024, num_warps=4)
+
+
 def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y[M, N] = x[M, K] @ (codes * s)^T with 16-bit or fp32 activations (fp32 runs exact-fp32 products)."""
     m = x.shape[0]
     y = torch.empty(m, w.out_features, dtype=out_dtype or x.dtype, device=x.device)
     enc = ENCODINGS[w.encoding]
     ieee = x.dtype == torch.float32
+    if m <= SMALL_M and not ieee and w.encoding != "trits" and x.dtype in ONE_BITS:
+        # bonsai trits straddle the 128-groups (5 per byte), so they keep the tiled kernel
+        cands = _small_m_candidates(m, w.in_features // K.GROUP)
+        _pick(("small", w.out_features, w.in_features, m_bucket(m), enc, x.dtype), cands,
+              lambda **cfg: small_m_matmul(x, w, y, **cfg))
+        return y
 
     def launch(BLOCK_M, BLOCK_N, num_warps, num_stages):
         grid = (-(-w.out_features // BLOCK_N), -(-m // BLOCK_M))
