@@ -93,6 +93,35 @@ def test_16_bit_kernel_matches_the_dense_product(encoding):
     assert float(((y16.double() - ref16).abs() / ref16.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
 
 
+SMALL_M_CONFIGS = [(m, cfg) for m in (1, 3, 16, 40) for cfg in ops._small_m_candidates(m, 4)]
+
+
+@pytest.mark.parametrize("encoding", ["bits1", "bits2"])
+@pytest.mark.parametrize("m,cfg", SMALL_M_CONFIGS,
+                         ids=[f"M{m}-{c['kind']}-n{c['BLOCK_N']}-split{c['SPLIT']}" for m, c in SMALL_M_CONFIGS])
+def test_every_small_m_tile_computes_the_exact_group_sums(encoding, m, cfg):
+    mode = "binary" if encoding == "bits1" else "ternary"
+    codes = make_codes(mode, 200, 512, ramp=False, seed=11)  # 200: a partial last column tile
+    scales = _scales(200, 4, 12)
+    w = layout.from_codes(codes, scales, encoding, 128)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(13)).half()
+    ref = x.double() @ layout.dense_of(w, torch.float64).t()
+    y = torch.full((m, 200), float("nan"))
+    ops.small_m_matmul(x, w, y, **cfg)
+    # fp16 x times codes is exact in fp32; each group's 128 products are summed in fp32 and then scaled, the
+    # splits added in order: only fp32 summation rounding is left (every output written: no NaN survives).
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    y16 = torch.empty(m, 200, dtype=torch.float16)
+    ops.small_m_matmul(x, w, y16, **cfg)
+    assert float(((y16.double() - ref).abs() / ref.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
+
+
+def test_small_m_candidates_split_only_whole_groups():
+    assert {c["SPLIT"] for c in ops._small_m_candidates(1, 24)} == {1, 2, 4, 8}
+    assert {c["SPLIT"] for c in ops._small_m_candidates(1, 3)} == {1}
+    assert [c["kind"] for c in ops._small_m_candidates(16, 24)][-1] == "tiled"
+
+
 def test_quantize_kernel_equals_the_torch_emulation_bit_for_bit():
     m, k = 37, 512
     g = torch.Generator().manual_seed(0)

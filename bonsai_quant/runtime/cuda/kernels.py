@@ -64,9 +64,6 @@ def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stri
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-SIGN = -2147483648  # the fp32 sign bit as an int32 constant
-
-
 @triton.jit
 def _x_times_codes(xj, b, j: tl.constexpr, ENC: tl.constexpr):
     """x[k] * code[k, n] in fp32 for the j-th code of every byte: xj [KB] fp32, b [KB, BN] int32 bytes.
@@ -75,7 +72,7 @@ def _x_times_codes(xj, b, j: tl.constexpr, ENC: tl.constexpr):
     no int-to-float conversion). Ternary: 2**23 + q as fp32 bits is exact, minus 2**23 + 1 gives q - 1."""
     if ENC == 1:
         xb = xj.to(tl.int32, bitcast=True)
-        return (xb[:, None] ^ (~(b << (31 - j)) & SIGN)).to(tl.float32, bitcast=True)
+        return (xb[:, None] ^ (~(b << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
     else:
         q = (b >> (2 * j)) & 3
         c = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
@@ -83,20 +80,21 @@ def _x_times_codes(xj, b, j: tl.constexpr, ENC: tl.constexpr):
 
 
 @triton.jit
-def _codes_16(b, j: tl.constexpr, ENC: tl.constexpr, ONE: tl.constexpr, DT: tl.constexpr):
-    """The j-th code of every byte as a 16-bit float (ONE: the bits of 1.0 in that format), built with
-    integer ops on the bit pattern: the sign bit is the code's."""
+def _codes_16(b, j: tl.constexpr, ENC: tl.constexpr, ONE: tl.constexpr):
+    """The bits of the j-th code of every byte as a 16-bit float (ONE: the bits of 1.0 in that format),
+    built with integer ops on the bit pattern: the sign bit is the code's."""
     if ENC == 1:
         v = ((b << (15 - j)) & 0x8000) ^ (ONE | 0x8000)
     else:
         q = (b >> (2 * j)) & 3
         v = (ONE | (((q & 2) ^ 2) << 14)) * ((q & 1) ^ 1)
-    return v.to(tl.int16).to(DT, bitcast=True)
+    return v.to(tl.int16)
 
 
 @triton.jit
 def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, stride_os,
-                       ENC: tl.constexpr, GPS: tl.constexpr, BLOCK_N: tl.constexpr):
+                       ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """Few rows (M <= a handful): each program owns one row, BLOCK_N outputs and GPS groups of K (split K
     when GPS < K / 128). Each code byte is loaded once and expanded in registers, the group's 128 products
     summed in fp32 before its scale multiplies them. Row programs of one tile run side by side (axis 0), so
@@ -104,7 +102,6 @@ def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om,
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    PER: tl.constexpr = 8 if ENC == 1 else 4
     KB: tl.constexpr = 128 // PER
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -124,15 +121,14 @@ def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om,
 
 @triton.jit
 def packed_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, stride_os,
-                      ENC: tl.constexpr, GPS: tl.constexpr, ONE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, ONE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Up to 64 rows on tensor cores: per group, the [128 / PER, BLOCK_N] code bytes are loaded once and the
     j-th code of each byte is a [KB, BLOCK_N] operand against the activations x[:, PER * kb + j] (so no
     reshape of the expanded tile is needed); the group's partial product is fp32, then scaled."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    PER: tl.constexpr = 8 if ENC == 1 else 4
     KB: tl.constexpr = 128 // PER
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,7 +143,8 @@ def packed_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, 
         for j in tl.static_range(PER):
             xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_kb[None, :] * PER + j, mask=mask_m[:, None],
                          other=0.0)
-            part = tl.dot(xj, _codes_16(b, j, ENC, ONE, x_ptr.dtype.element_ty), part)
+            c = _codes_16(b, j, ENC, ONE).to(x_ptr.dtype.element_ty, bitcast=True)
+            part = tl.dot(xj, c, part)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += part * s[None, :]
     tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
@@ -242,5 +239,35 @@ def expand_e4m3_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, B
     c = _decode(w_ptr, offs_k, offs_n, N, mask_n[None, :], ENC)  # [128, BLOCK_N]
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], c.to(tl.float32).to(tl.float8e4nv),
              mask=mask_n[None, :])
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(sw_ptr + g * N + offs_n, s, mask=mask_n)
+
+
+@triton.jit
+def expand_words_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, PER: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Codes -> e4m3 [N, K] one code byte at a time: the byte's 8 binary (or 4 ternary) codes become one
+    64-bit (32-bit) word of e4m3 bytes in K order, built with integer ops, and the tile is transposed in
+    registers so each row n is written as 128 contiguous bytes per group (coalesced, one store per word)."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    KB: tl.constexpr = 128 // PER
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kb = g * KB + tl.arange(0, KB)
+    mask_n = offs_n < N
+    b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int64)
+    word = tl.zeros((KB, BLOCK_N), dtype=tl.int64)
+    for j in tl.static_range(PER):
+        if ENC == 1:  # bit 1: +1 = 0x38; bit 0: -1 = 0xB8
+            e = 0x38 | ((((b >> j) & 1) ^ 1) << 7)
+        else:  # q = code + 1: 0 -> 0xB8, 1 -> 0x00, 2 -> 0x38
+            q = (b >> (2 * j)) & 3
+            e = (0x38 | (((q & 2) ^ 2) << 6)) * ((q & 1) ^ 1)
+        word = word | (e << (8 * j))
+    dst = out_ptr + offs_n[:, None] * (K // PER) + offs_kb[None, :]
+    if ENC == 1:
+        tl.store(dst, tl.trans(word), mask=mask_n[:, None])  # [BLOCK_N, KB]
+    else:
+        tl.store(dst, tl.trans(word.to(tl.int32)), mask=mask_n[:, None])
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(sw_ptr + g * N + offs_n, s, mask=mask_n)

@@ -11,7 +11,7 @@ import os
 import torch
 
 from . import kernels as K
-from .layout import ENCODINGS, PackedWeights
+from .layout import CODES_PER_BYTE, ENCODINGS, PackedWeights
 
 _BEST: dict[tuple, dict] = {}
 _SCALED_MM_LAYOUT: dict[str, int] = {}
@@ -96,15 +96,16 @@ def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str
                                      num_warps=num_warps, num_stages=num_stages)
         return
     gps = k // K.GROUP // SPLIT
+    per = CODES_PER_BYTE[w.encoding]
     out = y if SPLIT == 1 else torch.empty(SPLIT, m, n, dtype=torch.float32, device=x.device)
     stride_os = 0 if SPLIT == 1 else m * n
     if kind == "gemv":
         K.packed_gemv_kernel[(m, -(-n // BLOCK_N), SPLIT)](x, w.codes, w.scales, out, m, n, x.stride(0), n,
-                                                           stride_os, ENC=enc, GPS=gps, BLOCK_N=BLOCK_N,
+                                                           stride_os, ENC=enc, PER=per, GPS=gps, BLOCK_N=BLOCK_N,
                                                            num_warps=num_warps, num_stages=num_stages)
     else:
         K.packed_dot_kernel[(-(-n // BLOCK_N), -(-m // BLOCK_M), SPLIT)](
-            x, w.codes, w.scales, out, m, n, x.stride(0), n, stride_os, ENC=enc, GPS=gps,
+            x, w.codes, w.scales, out, m, n, x.stride(0), n, stride_os, ENC=enc, PER=per, GPS=gps,
             ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
     if SPLIT > 1:
         K.split_sum_kernel[(-(-(m * n) // 1024),)](out, y, m * n, SPLIT=SPLIT, BLOCK=1024, num_warps=4)
@@ -201,10 +202,20 @@ class Scratch:
 def expand_e4m3(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes as e4m3 [out, in] and scales as fp32 [in/128, out], written into the shared scratch buffer."""
     codes, scales = Scratch.get(w.codes.device, w.out_features, w.in_features)
-    block_n = 32 if interpreting() else 64
-    K.expand_e4m3_kernel[(-(-w.out_features // block_n), w.in_features // K.GROUP)](
-        w.codes, w.scales, codes, scales, w.out_features, w.in_features, ENC=ENCODINGS[w.encoding],
-        BLOCK_N=block_n, num_warps=4)
+
+    def grid(block_n):
+        return -(-w.out_features // block_n), w.in_features // K.GROUP
+
+    if w.encoding == "trits":  # 5 codes per byte straddle the words: one load per code
+        block_n = 32 if interpreting() else 64
+        K.expand_e4m3_kernel[grid(block_n)](w.codes, w.scales, codes, scales, w.out_features, w.in_features,
+                                            ENC=ENCODINGS[w.encoding], BLOCK_N=block_n, num_warps=4)
+    else:
+        words = codes.view(torch.int64 if w.encoding == "bits1" else torch.int32)
+        block_n = 32 if interpreting() else 128
+        K.expand_words_kernel[grid(block_n)](w.codes, w.scales, words, scales, w.out_features, w.in_features,
+                                             ENC=ENCODINGS[w.encoding], PER=CODES_PER_BYTE[w.encoding],
+                                             BLOCK_N=block_n, num_warps=4)
     return codes, scales
 
 
