@@ -93,7 +93,13 @@ def test_16_bit_kernel_matches_the_dense_product(encoding):
     assert float(((y16.double() - ref16).abs() / ref16.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
 
 
-SMALL_M_CONFIGS = [(m, cfg) for m in (1, 3, 16, 40) for cfg in ops._small_m_candidates(m, 4)]
+def _tile(kind, bn, split, bm=1):
+    return dict(kind=kind, BLOCK_N=bn, SPLIT=split, BLOCK_M=bm, num_warps=4, num_stages=3)
+
+
+SMALL_M_CONFIGS = [(1, _tile("gemv", 64, 1)), (1, _tile("gemv", 128, 4)), (3, _tile("gemv", 256, 2)),
+                   (1, _tile("dot", 64, 4, 16)), (16, _tile("dot", 128, 1, 16)), (16, _tile("dot", 64, 2, 16)),
+                   (40, _tile("dot", 64, 4, 64)), (16, _tile("tiled", 32, 1, 16))]
 
 
 @pytest.mark.parametrize("encoding", ["bits1", "bits2"])
@@ -116,10 +122,17 @@ def test_every_small_m_tile_computes_the_exact_group_sums(encoding, m, cfg):
     assert float(((y16.double() - ref).abs() / ref.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
 
 
-def test_small_m_candidates_split_only_whole_groups():
-    assert {c["SPLIT"] for c in ops._small_m_candidates(1, 24)} == {1, 2, 4, 8}
-    assert {c["SPLIT"] for c in ops._small_m_candidates(1, 3)} == {1}
-    assert [c["kind"] for c in ops._small_m_candidates(16, 24)][-1] == "tiled"
+@pytest.mark.parametrize("n,k", [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288),
+                                 (200, 512)])
+def test_small_m_candidates_split_only_whole_groups(n, k):
+    for m in (1, 3, 16, 64):
+        cands = ops._small_m_candidates(m, k // 128, n)
+        assert all((k // 128) % c["SPLIT"] == 0 for c in cands)
+        assert cands[-1]["kind"] == "tiled" and len(cands) >= 2
+        assert {c["kind"] for c in cands[:-1]} <= ({"gemv", "dot"} if m <= 4 else {"dot"})
+    # klein's 3072-wide layers get a K split (a bare 3072 / 64 = 48 column tiles would idle most of the GPU)
+    if (n, k) == (3072, 3072):
+        assert min(c["SPLIT"] for c in ops._small_m_candidates(1, 24, n)[:-2]) >= 8
 
 
 def test_quantize_kernel_equals_the_torch_emulation_bit_for_bit():

@@ -164,6 +164,7 @@ def section_check(results: dict, save) -> None:
         row["decode_bit_exact"] = bool(torch.equal(layout.codes_of(w), codes))
         e, s32 = ops.expand_e4m3(w)
         row["expand_bit_exact"] = bool(torch.equal(e.float(), codes.float()) and torch.equal(s32, scales.t().float()))
+        row["expand_kernel"] = dict(ops.EXPAND)
         dense = layout.dense_of(w)
         if enc != "trits":  # every byte-once tile compiled and checked (fp32 output: only summation order left)
             tiles = row.setdefault("small_m_tiles_vs_fp32", {})

@@ -105,7 +105,9 @@ def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om,
     KB: tl.constexpr = 128 // PER
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # The scale multiplies the group's [KB, BLOCK_N] partial sums element-wise (one FMA per 128 / KB weights)
+    # and the sum over KB, which crosses warps, happens once after the K loop rather than once per group.
+    acc = tl.zeros((KB, BLOCK_N), dtype=tl.float32)
     for i in range(0, GPS):
         g = pid_k * GPS + i
         offs_kb = g * KB + tl.arange(0, KB)
@@ -115,7 +117,8 @@ def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om,
             xj = tl.load(x_ptr + m * stride_xm + offs_kb * PER + j).to(tl.float32)
             part += _x_times_codes(xj, b, j, ENC)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += tl.sum(part, axis=0) * s
+        acc += part * s[None, :]
+    acc = tl.sum(acc, axis=0)
     tl.store(out_ptr + pid_k * stride_os + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 

@@ -15,6 +15,7 @@ from .layout import CODES_PER_BYTE, ENCODINGS, PackedWeights
 
 _BEST: dict[tuple, dict] = {}
 _SCALED_MM_LAYOUT: dict[str, int] = {}
+EXPAND: dict = {"words": None}  # whether the word-at-a-time expansion compiled here (None: not tried yet)
 
 
 def interpreting() -> bool:
@@ -64,19 +65,33 @@ SMALL_M = 64  # up to here the byte-once kernels run (the weight read is the cos
 ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # the bit pattern of 1.0
 
 
-def _small_m_candidates(m: int, groups: int) -> list[dict]:
-    """Tiles for the byte-once kernels: split K keeps >= ~2 programs per SM on the 3072-wide layers."""
+SMS = 132  # an H200's multiprocessors: the split-K target below (a guess on other devices; tuning decides)
+
+
+def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
+    """Tiles for the byte-once kernels. The weight read is the cost, so the grid must keep enough bytes in
+    flight: (column tile, K split) pairs giving ~2-16 programs per multiprocessor are kept, closest to ~8
+    first, four of them (each is a compile per layer width when tuned)."""
+    rows = m if m <= 4 else 1
+    options = []
+    for bn in (64, 128, 256):
+        for split in (1, 2, 3, 4, 6, 8, 12, 24):
+            if groups % split:
+                continue
+            programs = -(-n // bn) * split * rows
+            if 2 * SMS <= programs <= 16 * SMS or (split == 1 and programs < 2 * SMS):
+                options.append((abs(programs - 8 * SMS) / (8 * SMS) + 0.1 * (bn == 256), bn, split))
+    options.sort()
+    picked = [(bn, split) for _, bn, split in options[:4]] or [(128, 1)]
     if m <= 4:
-        cands = [dict(kind="gemv", BLOCK_N=bn, SPLIT=sp, num_warps=w, num_stages=st)
-                 for bn, sp, w, st in ((128, 2, 4, 3), (128, 1, 4, 3), (64, 4, 4, 3), (128, 8, 4, 2),
-                                       (256, 4, 8, 3))]
-        cands.append(dict(kind="dot", BLOCK_M=16, BLOCK_N=64, SPLIT=4, num_warps=4, num_stages=3))
+        cands = [dict(kind="gemv", BLOCK_N=bn, SPLIT=sp, num_warps=8 if bn == 256 else 4, num_stages=3)
+                 for bn, sp in picked]
+        bn, sp = picked[0]
+        cands.append(dict(kind="dot", BLOCK_M=16, BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4, num_stages=3))
     else:
-        bm = max(16, m_bucket(m))
-        cands = [dict(kind="dot", BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, num_warps=w, num_stages=st)
-                 for bn, sp, w, st in ((64, 2, 4, 3), (128, 1, 4, 3), (64, 4, 4, 3), (128, 4, 8, 3),
-                                       (64, 8, 4, 2))]
-    cands = [c for c in cands if groups % c["SPLIT"] == 0]
+        cands = [dict(kind="dot", BLOCK_M=max(16, m_bucket(m)), BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4,
+                      num_stages=3) for bn, sp in picked]
+        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
     cands.append(dict(kind="tiled", BLOCK_M=16 if m <= 16 else m_bucket(m), BLOCK_N=32, SPLIT=1, num_warps=4,
                       num_stages=3))
     return cands
@@ -119,7 +134,7 @@ def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | No
     ieee = x.dtype == torch.float32
     if m <= SMALL_M and not ieee and w.encoding != "trits" and x.dtype in ONE_BITS:
         # bonsai trits straddle the 128-groups (5 per byte), so they keep the tiled kernel
-        cands = _small_m_candidates(m, w.in_features // K.GROUP)
+        cands = _small_m_candidates(m, w.in_features // K.GROUP, w.out_features)
         _pick(("small", w.out_features, w.in_features, m_bucket(m), enc, x.dtype), cands,
               lambda **cfg: small_m_matmul(x, w, y, **cfg))
         return y
@@ -206,16 +221,24 @@ def expand_e4m3(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor]:
     def grid(block_n):
         return -(-w.out_features // block_n), w.in_features // K.GROUP
 
-    if w.encoding == "trits":  # 5 codes per byte straddle the words: one load per code
-        block_n = 32 if interpreting() else 64
-        K.expand_e4m3_kernel[grid(block_n)](w.codes, w.scales, codes, scales, w.out_features, w.in_features,
-                                            ENC=ENCODINGS[w.encoding], BLOCK_N=block_n, num_warps=4)
-    else:
+    if w.encoding != "trits" and EXPAND["words"] is not False:
         words = codes.view(torch.int64 if w.encoding == "bits1" else torch.int32)
         block_n = 32 if interpreting() else 128
-        K.expand_words_kernel[grid(block_n)](w.codes, w.scales, words, scales, w.out_features, w.in_features,
-                                             ENC=ENCODINGS[w.encoding], PER=CODES_PER_BYTE[w.encoding],
-                                             BLOCK_N=block_n, num_warps=4)
+        try:
+            K.expand_words_kernel[grid(block_n)](w.codes, w.scales, words, scales, w.out_features,
+                                                 w.in_features, ENC=ENCODINGS[w.encoding],
+                                                 PER=CODES_PER_BYTE[w.encoding], BLOCK_N=block_n, num_warps=4)
+            EXPAND["words"] = True
+            return codes, scales
+        except Exception as e:  # a Triton build that cannot compile it: the per-code kernel still runs
+            if EXPAND["words"] or torch.cuda.is_current_stream_capturing():
+                raise
+            EXPAND["words"] = False
+            EXPAND["error"] = f"{type(e).__name__}: {e}"[:400]
+    # bonsai trits: 5 codes per byte straddle the words, so one load per code
+    block_n = 32 if interpreting() else 64
+    K.expand_e4m3_kernel[grid(block_n)](w.codes, w.scales, codes, scales, w.out_features, w.in_features,
+                                        ENC=ENCODINGS[w.encoding], BLOCK_N=block_n, num_warps=4)
     return codes, scales
 
 
