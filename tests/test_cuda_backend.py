@@ -76,6 +76,24 @@ def test_expand_kernel_reads_the_packed_codes_bit_exact(encoding):
     assert torch.equal(s32, scales.t().float())
 
 
+@pytest.mark.parametrize("encoding", ["bits1", "bits2"])
+def test_expand_kernel_turns_every_possible_code_byte_into_its_codes(encoding):
+    # The word kernel builds four e4m3 codes per integer multiply: every byte value a pack can hold is checked
+    # (all 256 for binary, the 81 whose four 2-bit slots are codes for ternary) in every position of a group.
+    values = [v for v in range(256) if encoding == "bits1" or all((v >> (2 * i)) & 3 != 3 for i in range(4))]
+    per = layout.CODES_PER_BYTE[encoding]
+    rows = 256 // per  # two groups
+    codes = torch.tensor(values, dtype=torch.uint8).repeat(rows, 1)
+    codes = torch.roll(codes, shifts=1, dims=1) if encoding == "bits1" else codes
+    codes[::2] = torch.flip(codes[::2], dims=[1])  # neighbouring rows differ
+    scales = _scales(len(values), 2, 3)
+    w = layout.PackedWeights(encoding, codes.contiguous(), scales.t().contiguous(), 256, len(values), 128)
+    e4m3, s32 = ops.expand_e4m3(w)
+    assert ops.EXPAND["words"] is True
+    assert torch.equal(e4m3.float(), layout.codes_of(w).float())
+    assert torch.equal(s32, scales.t().float())
+
+
 @pytest.mark.parametrize("encoding", ["bits1", "bits2", "trits"])
 def test_16_bit_kernel_matches_the_dense_product(encoding):
     mode = "binary" if encoding == "bits1" else "ternary"

@@ -247,30 +247,42 @@ def expand_e4m3_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, B
 
 
 @triton.jit
+def _e4m3_lanes_binary(b):
+    """Four e4m3 codes in the byte lanes of an int32, from 4 code bits (bit i -> lane i): a multiply by
+    1 + 2**7 + 2**14 + 2**21 moves bit i to bit 8i with no two partial products overlapping."""
+    lanes = (((b & 0xF) ^ 0xF) * 0x204081) & 0x01010101  # 1 where the code is -1
+    return 0x38383838 | (lanes << 7)  # 1.0 = 0x38, its sign bit 0x80
+
+
+@triton.jit
+def _e4m3_lanes_ternary(b):
+    """Four e4m3 codes in the byte lanes of an int32 from four 2-bit slots q = code + 1. Each slot's two bits
+    are moved to lane LSBs apart: bit 2i times 2**(6i) lands on bit 8i; the only overlapping partial
+    products fall on bits 6, 12 and 18 and carry at most into 7, 13 and 19, never into a lane's bit."""
+    lo = ((b & 0x55) * 0x41041) & 0x01010101  # q & 1: the code is 0
+    hi = (((b >> 1) & 0x55) * 0x41041) & 0x01010101  # q & 2: the code is +1
+    return (0x38383838 | ((hi ^ 0x01010101) << 7)) & ((lo ^ 0x01010101) * 0xFF)
+
+
+@triton.jit
 def expand_words_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, PER: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     """Codes -> e4m3 [N, K] one code byte at a time: the byte's 8 binary (or 4 ternary) codes become one
-    64-bit (32-bit) word of e4m3 bytes in K order, built with integer ops, and the tile is transposed in
-    registers so each row n is written as 128 contiguous bytes per group (coalesced, one store per word)."""
+    64-bit (32-bit) word of e4m3 bytes in K order, built with a few integer ops per four codes, and the tile
+    is transposed on chip so each row n is written as 128 contiguous bytes per group."""
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     KB: tl.constexpr = 128 // PER
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kb = g * KB + tl.arange(0, KB)
     mask_n = offs_n < N
-    b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int64)
-    word = tl.zeros((KB, BLOCK_N), dtype=tl.int64)
-    for j in tl.static_range(PER):
-        if ENC == 1:  # bit 1: +1 = 0x38; bit 0: -1 = 0xB8
-            e = 0x38 | ((((b >> j) & 1) ^ 1) << 7)
-        else:  # q = code + 1: 0 -> 0xB8, 1 -> 0x00, 2 -> 0x38
-            q = (b >> (2 * j)) & 3
-            e = (0x38 | (((q & 2) ^ 2) << 6)) * ((q & 1) ^ 1)
-        word = word | (e << (8 * j))
+    b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
     dst = out_ptr + offs_n[:, None] * (K // PER) + offs_kb[None, :]
     if ENC == 1:
-        tl.store(dst, tl.trans(word), mask=mask_n[:, None])  # [BLOCK_N, KB]
+        lo = _e4m3_lanes_binary(b).to(tl.uint32).to(tl.int64)
+        hi = _e4m3_lanes_binary(b >> 4).to(tl.uint32).to(tl.int64)
+        tl.store(dst, tl.trans(lo | (hi << 32)), mask=mask_n[:, None])  # [BLOCK_N, KB]
     else:
-        tl.store(dst, tl.trans(word.to(tl.int32)), mask=mask_n[:, None])
+        tl.store(dst, tl.trans(_e4m3_lanes_ternary(b)), mask=mask_n[:, None])
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(sw_ptr + g * N + offs_n, s, mask=mask_n)
