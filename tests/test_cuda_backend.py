@@ -202,7 +202,7 @@ def test_crossover_rows_pick_the_fastest_kernel_per_m():
         ["bf16", "bf16", "fp8", "fp8", "fp8_scaled_mm", "fp8_scaled_mm"]
     table = dispatch.Table({"shapes": {"96,384": {"binary": rows}}})
     assert table.kernel(96, 384, "binary", 300) == "fp8_scaled_mm"
-    assert table.kernel(96, 384, "ternary", 300) == "fp8"  # unmeasured: the default rule
+    assert table.kernel(96, 384, "ternary", 300) == "fp8_scaled_mm"  # unmeasured: the default rule
     assert table.kernel(96, 384, "ternary", 64) == "bf16"
 
 

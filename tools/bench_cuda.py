@@ -299,8 +299,29 @@ def section_layers(results: dict, save, modes, shapes, ms, fused_fp8: bool) -> N
         except ValueError as e:
             results.setdefault("errors", []).append(f"crossover {mode} {name}: {e}")
         dense_copies = ours_copies = gl = hm = None
+        table["default"] = default_rows(all_timings)
         torch.cuda.empty_cache()
         save()
+
+
+def default_rows(all_timings: dict) -> list:
+    """The crossover for unmeasured shapes: per M, the kernel with the least summed time over the measured
+    (shape, mode) pairs that timed every kernel at that M."""
+    from bonsai_quant.runtime.cuda import dispatch
+
+    per_m: dict = {}
+    for timings in all_timings.values():
+        for m, t in timings.items():
+            per_m.setdefault(int(m), []).append(t)
+    summed = {}
+    for m, ts in per_m.items():
+        common = set.intersection(*(set(t) for t in ts))
+        if common:
+            summed[m] = {kk: sum(t[kk] for t in ts) for kk in common}
+    try:
+        return dispatch.crossover_rows(summed)
+    except ValueError:
+        return dispatch.FALLBACK
 
 
 def build_dense(config: dict):
