@@ -111,18 +111,20 @@ def test_16_bit_kernel_matches_the_dense_product(encoding):
     assert float(((y16.double() - ref16).abs() / ref16.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
 
 
-def _tile(kind, bn, split, bm=1):
-    return dict(kind=kind, BLOCK_N=bn, SPLIT=split, BLOCK_M=bm, num_warps=4, num_stages=3)
+def _tile(kind, bn, split, bm=1, last=False):
+    return dict(kind=kind, BLOCK_N=bn, SPLIT=split, BLOCK_M=bm, num_warps=4, num_stages=3, LAST_REDUCES=last)
 
 
-SMALL_M_CONFIGS = [(1, _tile("gemv", 64, 1)), (1, _tile("gemv", 128, 4)), (3, _tile("gemv", 256, 2)),
-                   (1, _tile("dot", 64, 4, 16)), (16, _tile("dot", 128, 1, 16)), (16, _tile("dot", 64, 2, 16)),
-                   (40, _tile("dot", 64, 4, 64)), (16, _tile("tiled", 32, 1, 16))]
+SMALL_M_CONFIGS = [(1, _tile("gemv", 64, 1)), (1, _tile("gemv", 128, 4)), (3, _tile("gemv", 256, 2, last=True)),
+                   (1, _tile("gemv", 64, 4, last=True)), (1, _tile("dot", 64, 4, 16)),
+                   (16, _tile("dot", 128, 1, 16)), (16, _tile("dot", 64, 2, 16)),
+                   (40, _tile("dot", 64, 4, 64, last=True)), (16, _tile("tiled", 32, 1, 16))]
 
 
 @pytest.mark.parametrize("encoding", ["bits1", "bits2"])
 @pytest.mark.parametrize("m,cfg", SMALL_M_CONFIGS,
-                         ids=[f"M{m}-{c['kind']}-n{c['BLOCK_N']}-split{c['SPLIT']}" for m, c in SMALL_M_CONFIGS])
+                         ids=[f"M{m}-{c['kind']}-n{c['BLOCK_N']}-split{c['SPLIT']}{'-last' * c['LAST_REDUCES']}"
+                              for m, c in SMALL_M_CONFIGS])
 def test_every_small_m_tile_computes_the_exact_group_sums(encoding, m, cfg):
     mode = "binary" if encoding == "bits1" else "ternary"
     codes = make_codes(mode, 200, 512, ramp=False, seed=11)  # 200: a partial last column tile
@@ -138,6 +140,8 @@ def test_every_small_m_tile_computes_the_exact_group_sums(encoding, m, cfg):
     y16 = torch.empty(m, 200, dtype=torch.float16)
     ops.small_m_matmul(x, w, y16, **cfg)
     assert float(((y16.double() - ref).abs() / ref.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
+    # the split-K arrival counters are back at zero for the next call (and for CUDA-graph replays)
+    assert int(ops.Counters.get(x.device).count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("n,k", [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288),

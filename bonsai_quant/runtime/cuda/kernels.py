@@ -92,9 +92,31 @@ def _codes_16(b, j: tl.constexpr, ENC: tl.constexpr, ONE: tl.constexpr):
 
 
 @triton.jit
-def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, stride_os,
-                       ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, tile, offs, mask, pid_k, stride_os, SPLIT: tl.constexpr,
+                    LAST_REDUCES: tl.constexpr):
+    """Write a program's output tile: straight to y without a K split; else its fp32 partial, and (with
+    LAST_REDUCES) the program of the tile that arrives last -- counted by an acq_rel atomic after a barrier, so
+    every thread's partial is visible -- sums the SPLIT partials in split order (deterministic), writes y and
+    re-arms the counter, which saves the second launch of `split_sum_kernel`."""
+    if SPLIT == 1:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptr + pid_k * stride_os + offs, acc, mask=mask)
+        if LAST_REDUCES:
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if count == SPLIT - 1:
+                tot = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT):
+                    tot += tl.load(p_ptr + s * stride_os + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + offs, tot.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_xm, stride_os,
+                       ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                       LAST_REDUCES: tl.constexpr, BLOCK_N: tl.constexpr):
     """Few rows (M <= a handful): each program owns one row, BLOCK_N outputs and GPS groups of K (split K
     when GPS < K / 128). Each code byte is loaded once and expanded in registers, the group's 128 products
     summed in fp32 before its scale multiplies them. Row programs of one tile run side by side (axis 0), so
@@ -119,13 +141,15 @@ def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om,
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += part * s[None, :]
     acc = tl.sum(acc, axis=0)
-    tl.store(out_ptr + pid_k * stride_os + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, m * tl.num_programs(1) + pid_n, m * N + offs_n, mask_n, pid_k,
+                    stride_os, SPLIT, LAST_REDUCES)
 
 
 @triton.jit
-def packed_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, stride_os,
-                      ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, ONE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def packed_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_xm, stride_os,
+                      ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                      LAST_REDUCES: tl.constexpr, ONE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """Up to 64 rows on tensor cores: per group, the [128 / PER, BLOCK_N] code bytes are loaded once and the
     j-th code of each byte is a [KB, BLOCK_N] operand against the activations x[:, PER * kb + j] (so no
     reshape of the expanded tile is needed); the group's partial product is fp32, then scaled."""
@@ -150,8 +174,9 @@ def packed_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_om, 
             part = tl.dot(xj, c, part)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += part * s[None, :]
-    tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
+                    offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_k, stride_os,
+                    SPLIT, LAST_REDUCES)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from . import kernels as K
 from .layout import CODES_PER_BYTE, ENCODINGS, PackedWeights
 
 _BEST: dict[tuple, dict] = {}
+REJECTED: list = []  # (key, config) pairs whose output disagreed with the tiled kernel's while tuning
 _SCALED_MM_LAYOUT: dict[str, int] = {}
 EXPAND: dict = {"words": None}  # whether the word-at-a-time expansion compiled here (None: not tried yet)
 
@@ -29,8 +30,9 @@ def m_bucket(m: int) -> int:
     return b
 
 
-def _pick(key: tuple, candidates: list[dict], launch) -> None:
-    """Run `launch(**config)` with the tuned config for `key`, tuning first where that is possible."""
+def _pick(key: tuple, candidates: list[dict], launch, accept=None) -> None:
+    """Run `launch(**config)` with the tuned config for `key`, tuning first where that is possible; with
+    `accept`, a config whose first result it rejects is never timed (a wrong result is never fast enough)."""
     best = _BEST.get(key)
     if best is None:
         if interpreting() or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
@@ -41,6 +43,11 @@ def _pick(key: tuple, candidates: list[dict], launch) -> None:
             timed = []
             for cfg in candidates:
                 try:
+                    if accept is not None:
+                        launch(**cfg)
+                        if not accept():
+                            REJECTED.append((key, cfg))
+                            continue
                     timed.append((triton.testing.do_bench(lambda: launch(**cfg), warmup=3, rep=15), cfg))
                 except Exception:  # a tile that does not fit this device's shared memory: skip it
                     continue
@@ -92,16 +99,20 @@ def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
         cands = [dict(kind="dot", BLOCK_M=max(16, m_bucket(m)), BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4,
                       num_stages=3) for bn, sp in picked]
         cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
+    # Split tiles reduce in their last program (one launch); the first also as two launches, in case the
+    # arrival counting costs more than a launch on some device.
+    two_pass = [dict(c) for c in cands[:1] if c["SPLIT"] > 1]
+    cands = [dict(c, LAST_REDUCES=c["SPLIT"] > 1) for c in cands] + two_pass
     cands.append(dict(kind="tiled", BLOCK_M=16 if m <= 16 else m_bucket(m), BLOCK_N=32, SPLIT=1, num_warps=4,
                       num_stages=3))
     return cands
 
 
 def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str, BLOCK_N: int, SPLIT: int,
-                   num_warps: int, num_stages: int, BLOCK_M: int = 1) -> None:
+                   num_warps: int, num_stages: int, BLOCK_M: int = 1, LAST_REDUCES: bool = False) -> None:
     """y[M, N] = x @ (codes * s)^T through one byte-once kernel ("gemv": one row per program, fp32 FMAs;
-    "dot": tensor cores) or the tiled one ("tiled"), with K split SPLIT ways and the fp32 partial outputs
-    summed in split order by a second launch."""
+    "dot": tensor cores) or the tiled one ("tiled"), with K split SPLIT ways, the fp32 partial outputs summed
+    in split order by each tile's last program (LAST_REDUCES) or by a second launch."""
     m, n, k = x.shape[0], w.out_features, w.in_features
     enc = ENCODINGS[w.encoding]
     if kind == "tiled":
@@ -112,18 +123,35 @@ def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str
         return
     gps = k // K.GROUP // SPLIT
     per = CODES_PER_BYTE[w.encoding]
-    out = y if SPLIT == 1 else torch.empty(SPLIT, m, n, dtype=torch.float32, device=x.device)
-    stride_os = 0 if SPLIT == 1 else m * n
+    p = y if SPLIT == 1 else torch.empty(SPLIT, m, n, dtype=torch.float32, device=x.device)
+    common = dict(ENC=enc, PER=per, GPS=gps, SPLIT=SPLIT, LAST_REDUCES=LAST_REDUCES, BLOCK_N=BLOCK_N,
+                  num_warps=num_warps, num_stages=num_stages)
+    grid = (m, -(-n // BLOCK_N), SPLIT) if kind == "gemv" else (-(-n // BLOCK_N), -(-m // BLOCK_M), SPLIT)
+    cnt = Counters.get(x.device)
+    if LAST_REDUCES and SPLIT > 1 and grid[0] * grid[1] > Counters.SIZE:
+        raise ValueError(f"{grid[0] * grid[1]} output tiles exceed the {Counters.SIZE} split-K counters")
     if kind == "gemv":
-        K.packed_gemv_kernel[(m, -(-n // BLOCK_N), SPLIT)](x, w.codes, w.scales, out, m, n, x.stride(0), n,
-                                                           stride_os, ENC=enc, PER=per, GPS=gps, BLOCK_N=BLOCK_N,
-                                                           num_warps=num_warps, num_stages=num_stages)
+        K.packed_gemv_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n, **common)
     else:
-        K.packed_dot_kernel[(-(-n // BLOCK_N), -(-m // BLOCK_M), SPLIT)](
-            x, w.codes, w.scales, out, m, n, x.stride(0), n, stride_os, ENC=enc, PER=per, GPS=gps,
-            ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
-    if SPLIT > 1:
-        K.split_sum_kernel[(-(-(m * n) // 1024),)](out, y, m * n, SPLIT=SPLIT, BLOCK=1024, num_warps=4)
+        K.packed_dot_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n,
+                                  ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, **common)
+    if SPLIT > 1 and not LAST_REDUCES:
+        K.split_sum_kernel[(-(-(m * n) // 1024),)](p, y, m * n, SPLIT=SPLIT, BLOCK=1024, num_warps=4)
+
+
+class Counters:
+    """Per device, zeroed int32 arrival counters for the split-K tiles whose last program reduces; every
+    reduction re-arms its counter, so one buffer serves every layer and CUDA-graph replay in stream order."""
+
+    SIZE = 1 << 16
+    _buffers: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in cls._buffers:
+            cls._buffers[key] = torch.zeros(cls.SIZE, dtype=torch.int32, device=device)
+        return cls._buffers[key]
 
 
 def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -135,8 +163,17 @@ def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | No
     if m <= SMALL_M and not ieee and w.encoding != "trits" and x.dtype in ONE_BITS:
         # bonsai trits straddle the 128-groups (5 per byte), so they keep the tiled kernel
         cands = _small_m_candidates(m, w.in_features // K.GROUP, w.out_features)
-        _pick(("small", w.out_features, w.in_features, m_bucket(m), enc, x.dtype), cands,
-              lambda **cfg: small_m_matmul(x, w, y, **cfg))
+        key = ("small", w.out_features, w.in_features, m_bucket(m), enc, x.dtype)
+        accept = None
+        if key not in _BEST and not interpreting():
+            ref = torch.empty_like(y)
+            small_m_matmul(x, w, ref, **cands[-1])  # the tiled kernel, checked in the first round
+
+            def accept():
+                return bool(torch.isfinite(y).all()) and float((y.float() - ref.float()).norm()) <= \
+                    1e-2 * float(ref.float().norm())
+
+        _pick(key, cands, lambda **cfg: small_m_matmul(x, w, y, **cfg), accept)
         return y
 
     def launch(BLOCK_M, BLOCK_N, num_warps, num_stages):
