@@ -172,7 +172,8 @@ def section_check(results: dict, save, fused_fp8: bool) -> None:
                 xm = torch.randn(m, 3072, generator=g, device="cuda").bfloat16()
                 ref = xm.float() @ dense.t()
                 for cfg in ops._small_m_candidates(m, 24):
-                    name = f"M={m} {cfg['kind']} n{cfg['BLOCK_N']} split{cfg['SPLIT']} w{cfg['num_warps']}"
+                    name = (f"M={m} {cfg['kind']} n{cfg['BLOCK_N']} split{cfg['SPLIT']} w{cfg['num_warps']}"
+                            + (" last-reduces" if cfg.get("LAST_REDUCES") else ""))
                     try:
                         y = torch.full((m, 3072), float("nan"), device="cuda")
                         ops.small_m_matmul(xm, w, y, **cfg)
@@ -556,6 +557,10 @@ def main() -> int:
     path = args.out / f"bench_cuda_{args.date}_h200.json"
 
     def save():
+        from bonsai_quant.runtime.cuda import ops
+
+        results["tuned"] = {repr(k): v for k, v in ops._BEST.items()}
+        results["rejected_while_tuning"] = [repr(r) for r in ops.REJECTED]
         path.write_text(json.dumps(results, indent=1, default=str) + "\n")
         if "crossover" in results:
             (args.out / "crossover.json").write_text(json.dumps(results["crossover"], indent=1) + "\n")
