@@ -525,9 +525,46 @@ def _quantized_names(model):
                 yield name, mod
 
 
+def markdown_tables(results: dict) -> str:
+    """The per-layer and whole-step tables of a results JSON, as the measurement notes print them."""
+    lines = ["| layer (K x N) | mode | M | bf16 cuBLAS µs | ours µs (kernel) | ours / bf16 | gemlite µs | humming µs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results.get("layers", []), key=lambda r: (list(SHAPES).index(r["layer"]), r["mode"], r["M"])):
+        ms = r["ms"]
+
+        def us(v):
+            return f"{v * 1e3:.1f}" if v else "-"
+
+        ratio = f"{r['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in r else "-"
+        ours = f"{us(r.get('ours_ms'))} ({r.get('ours_best', '-')})"
+        lines.append(f"| {r['K']} x {r['N']} | {r['mode']} | {r['M']} | {us(ms.get('bf16_cublas'))} | {ours} | "
+                     f"{ratio} | {us(ms.get('gemlite'))} | {us(ms.get('humming'))} |")
+    step = results.get("step", {})
+    lines += ["", "| image + text tokens | model | eager ms | CUDA graph ms | dense / it (graph) | transient peak GB "
+              "| resident bytes | quantized-linear bytes | rel. error vs fp32 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for tok, variants in step.items():
+        if not isinstance(variants, dict) or "dense_bf16" not in variants:
+            continue
+        dense_ms = variants["dense_bf16"].get("graph_ms")
+        for name, r in variants.items():
+            if "error" in r:
+                lines.append(f"| {tok} + {step.get('text_tokens')} | {name} | failed: {r['error'][:80]} |")
+                continue
+            g = r.get("graph_ms")
+            lines.append(f"| {tok} + {step.get('text_tokens')} | {name} | {r.get('eager_ms', 0):.1f} | "
+                         f"{g:.1f} | {dense_ms / g:.2f}x | {r.get('step_transient_peak_gb', 0):.2f} | "
+                         f"{r.get('resident_bytes', step.get('dense_resident_bytes', 0)):,} | "
+                         f"{r.get('quantized_linear_bytes', step.get('dense_quantizable_linear_bytes', 0)):,} | "
+                         f"{r.get('rel_error_vs_fp32_reference', float('nan')):.2e} |"
+                         if g and dense_ms else f"| {tok} | {name} | {r.get('eager_ms', 0):.1f} | - | - | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tables-from", type=Path, help="print the markdown tables of a results JSON and exit")
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     parser.add_argument("--sections", default="check,step,layers,layers_late",
                         help="layers_late: the --ms-late sizes after everything else")
@@ -546,6 +583,9 @@ def main() -> int:
     parser.add_argument("--bf16act", action="store_true", help="also time the step with every layer on the "
                         "16-bit-activation kernel")
     args = parser.parse_args()
+    if args.tables_from:
+        print(markdown_tables(json.loads(args.tables_from.read_text())), end="")
+        return 0
 
     import triton
 
@@ -589,6 +629,10 @@ def main() -> int:
             print(traceback.format_exc(), flush=True)
         results.setdefault("section_seconds", {})[sec] = time.perf_counter() - t
         save()
+    try:
+        (args.out / f"bench_cuda_{args.date}_h200_tables.md").write_text(markdown_tables(results))
+    except Exception as e:
+        print(f"tables: {type(e).__name__}: {e}", flush=True)
     for err in results.get("errors", []):
         print("ERROR:", err[:600], flush=True)
     return 0
