@@ -165,7 +165,7 @@ def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | No
         cands = _small_m_candidates(m, w.in_features // K.GROUP, w.out_features)
         key = ("small", w.out_features, w.in_features, m_bucket(m), enc, x.dtype)
         accept = None
-        if key not in _BEST and not interpreting():
+        if key not in _BEST and not interpreting() and not torch.cuda.is_current_stream_capturing():
             ref = torch.empty_like(y)
             small_m_matmul(x, w, ref, **cands[-1])  # the tiled kernel, checked in the first round
 
