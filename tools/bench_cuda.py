@@ -540,7 +540,7 @@ def markdown_tables(results: dict) -> str:
         lines.append(f"| {r['K']} x {r['N']} | {r['mode']} | {r['M']} | {us(ms.get('bf16_cublas'))} | {ours} | "
                      f"{ratio} | {us(ms.get('gemlite'))} | {us(ms.get('humming'))} |")
     step = results.get("step", {})
-    lines += ["", "| image + text tokens | model | eager ms | CUDA graph ms | dense / it (graph) | transient peak GB "
+    lines += ["", "| image + text tokens | model | eager ms | CUDA graph ms | dense ÷ this (graph) | transient peak GB "
               "| resident bytes | quantized-linear bytes | rel. error vs fp32 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tok, variants in step.items():
