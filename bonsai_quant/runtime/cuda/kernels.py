@@ -3,12 +3,15 @@
 Every kernel reads the resident layout of `layout.PackedWeights` (codes[k_byte, n], scales[group, n]) and
 walks K one 128-wide group at a time, so the weight scale of a group multiplies an exact partial sum:
 
-- `packed_matmul`: 16-bit (or fp32) activations x decoded {-1, 0, +1} codes, fp32 accumulation; the small-M
-  path (a GEMV for M <= 16 rows of tiles) and the bf16-activation path at any M.
+- `packed_gemv` / `packed_dot`: the small-M kernels (M <= 64): each code byte loaded once and expanded in
+  registers, fp32 FMAs (a few rows) or tensor cores (up to 64), K split with the last program reducing.
+- `packed_matmul`: 16-bit (or fp32) activations x codes decoded one load per code, fp32 accumulation; the
+  bf16-activation path at any M, bonsai trits, and the small-M kernels' reference while tuning.
 - `quantize_e4m3`: activations to e4m3 with one power-of-two scale per (token, 128 channels).
 - `packed_fp8_matmul`: e4m3 activations x codes decoded to e4m3 inside the K loop (no expanded copy), one
   fp8 tensor-core product per 128-wide block promoted to fp32 with weight scale x activation scale.
-- `expand_e4m3`: codes -> e4m3 [out, in] in a scratch buffer, for `torch._scaled_mm`'s blockwise path.
+- `expand_words` (`expand_e4m3` for trits): codes -> e4m3 [out, in] in a scratch buffer, for
+  `torch._scaled_mm`'s blockwise path.
 """
 
 from __future__ import annotations
