@@ -76,6 +76,24 @@ def test_expand_kernel_reads_the_packed_codes_bit_exact(encoding):
     assert torch.equal(s32, scales.t().float())
 
 
+@pytest.mark.parametrize("encoding", ["bits1", "bits2"])
+def test_expand_kernel_turns_every_possible_code_byte_into_its_codes(encoding):
+    # The word kernel builds four e4m3 codes per integer multiply: every byte value a pack can hold is checked
+    # (all 256 for binary, the 81 whose four 2-bit slots are codes for ternary) in every position of a group.
+    values = [v for v in range(256) if encoding == "bits1" or all((v >> (2 * i)) & 3 != 3 for i in range(4))]
+    per = layout.CODES_PER_BYTE[encoding]
+    rows = 256 // per  # two groups
+    codes = torch.tensor(values, dtype=torch.uint8).repeat(rows, 1)
+    codes = torch.roll(codes, shifts=1, dims=1) if encoding == "bits1" else codes
+    codes[::2] = torch.flip(codes[::2], dims=[1])  # neighbouring rows differ
+    scales = _scales(len(values), 2, 3)
+    w = layout.PackedWeights(encoding, codes.contiguous(), scales.t().contiguous(), 256, len(values), 128)
+    e4m3, s32 = ops.expand_e4m3(w)
+    assert ops.EXPAND["words"] is True
+    assert torch.equal(e4m3.float(), layout.codes_of(w).float())
+    assert torch.equal(s32, scales.t().float())
+
+
 @pytest.mark.parametrize("encoding", ["bits1", "bits2", "trits"])
 def test_16_bit_kernel_matches_the_dense_product(encoding):
     mode = "binary" if encoding == "bits1" else "ternary"
@@ -91,6 +109,52 @@ def test_16_bit_kernel_matches_the_dense_product(encoding):
     ref16 = x.half().double() @ layout.dense_of(w, torch.float64).t()
     assert y16.dtype == torch.float16
     assert float(((y16.double() - ref16).abs() / ref16.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
+
+
+def _tile(kind, bn, split, bm=1, last=False):
+    return dict(kind=kind, BLOCK_N=bn, SPLIT=split, BLOCK_M=bm, num_warps=4, num_stages=3, LAST_REDUCES=last)
+
+
+SMALL_M_CONFIGS = [(1, _tile("gemv", 64, 1)), (1, _tile("gemv", 128, 4)), (3, _tile("gemv", 256, 2, last=True)),
+                   (1, _tile("gemv", 64, 4, last=True)), (1, _tile("dot", 64, 4, 16)),
+                   (16, _tile("dot", 128, 1, 16)), (16, _tile("dot", 64, 2, 16)),
+                   (40, _tile("dot", 64, 4, 64, last=True)), (16, _tile("tiled", 32, 1, 16))]
+
+
+@pytest.mark.parametrize("encoding", ["bits1", "bits2"])
+@pytest.mark.parametrize("m,cfg", SMALL_M_CONFIGS,
+                         ids=[f"M{m}-{c['kind']}-n{c['BLOCK_N']}-split{c['SPLIT']}{'-last' * c['LAST_REDUCES']}"
+                              for m, c in SMALL_M_CONFIGS])
+def test_every_small_m_tile_computes_the_exact_group_sums(encoding, m, cfg):
+    mode = "binary" if encoding == "bits1" else "ternary"
+    codes = make_codes(mode, 200, 512, ramp=False, seed=11)  # 200: a partial last column tile
+    scales = _scales(200, 4, 12)
+    w = layout.from_codes(codes, scales, encoding, 128)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(13)).half()
+    ref = x.double() @ layout.dense_of(w, torch.float64).t()
+    y = torch.full((m, 200), float("nan"))
+    ops.small_m_matmul(x, w, y, **cfg)
+    # fp16 x times codes is exact in fp32; each group's 128 products are summed in fp32 and then scaled, the
+    # splits added in order: only fp32 summation rounding is left (every output written: no NaN survives).
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    y16 = torch.empty(m, 200, dtype=torch.float16)
+    ops.small_m_matmul(x, w, y16, **cfg)
+    assert float(((y16.double() - ref).abs() / ref.abs().clamp(min=1e-3)).max()) <= 2.0 ** -11
+    # the split-K arrival counters are back at zero for the next call (and for CUDA-graph replays)
+    assert int(ops.Counters.get(x.device).count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("n,k", [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288),
+                                 (200, 512)])
+def test_small_m_candidates_split_only_whole_groups(n, k):
+    for m in (1, 3, 16, 64):
+        cands = ops._small_m_candidates(m, k // 128, n)
+        assert all((k // 128) % c["SPLIT"] == 0 for c in cands)
+        assert cands[-1]["kind"] == "tiled" and len(cands) >= 2
+        assert {c["kind"] for c in cands[:-1]} <= ({"gemv", "dot"} if m <= 4 else {"dot"})
+    # klein's 3072-wide layers get a K split (a bare 3072 / 64 = 48 column tiles would idle most of the GPU)
+    if (n, k) == (3072, 3072):
+        assert min(c["SPLIT"] for c in ops._small_m_candidates(1, 24, n)[:-2]) >= 8
 
 
 def test_quantize_kernel_equals_the_torch_emulation_bit_for_bit():
@@ -142,7 +206,7 @@ def test_crossover_rows_pick_the_fastest_kernel_per_m():
         ["bf16", "bf16", "fp8", "fp8", "fp8_scaled_mm", "fp8_scaled_mm"]
     table = dispatch.Table({"shapes": {"96,384": {"binary": rows}}})
     assert table.kernel(96, 384, "binary", 300) == "fp8_scaled_mm"
-    assert table.kernel(96, 384, "ternary", 300) == "fp8"  # unmeasured: the default rule
+    assert table.kernel(96, 384, "ternary", 300) == "fp8_scaled_mm"  # unmeasured: the default rule
     assert table.kernel(96, 384, "ternary", 64) == "bf16"
 
 

@@ -3,12 +3,15 @@
 Every kernel reads the resident layout of `layout.PackedWeights` (codes[k_byte, n], scales[group, n]) and
 walks K one 128-wide group at a time, so the weight scale of a group multiplies an exact partial sum:
 
-- `packed_matmul`: 16-bit (or fp32) activations x decoded {-1, 0, +1} codes, fp32 accumulation; the small-M
-  path (a GEMV for M <= 16 rows of tiles) and the bf16-activation path at any M.
+- `packed_gemv` / `packed_dot`: the small-M kernels (M <= 64): each code byte loaded once and expanded in
+  registers, fp32 FMAs (a few rows) or tensor cores (up to 64), K split with the last program reducing.
+- `packed_matmul`: 16-bit (or fp32) activations x codes decoded one load per code, fp32 accumulation; the
+  bf16-activation path at any M, bonsai trits, and the small-M kernels' reference while tuning.
 - `quantize_e4m3`: activations to e4m3 with one power-of-two scale per (token, 128 channels).
 - `packed_fp8_matmul`: e4m3 activations x codes decoded to e4m3 inside the K loop (no expanded copy), one
   fp8 tensor-core product per 128-wide block promoted to fp32 with weight scale x activation scale.
-- `expand_e4m3`: codes -> e4m3 [out, in] in a scratch buffer, for `torch._scaled_mm`'s blockwise path.
+- `expand_words` (`expand_e4m3` for trits): codes -> e4m3 [out, in] in a scratch buffer, for
+  `torch._scaled_mm`'s blockwise path.
 """
 
 from __future__ import annotations
@@ -62,6 +65,132 @@ def packed_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stri
         acc += part * s[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _x_times_codes(xj, b, j: tl.constexpr, ENC: tl.constexpr):
+    """x[k] * code[k, n] in fp32 for the j-th code of every byte: xj [KB] fp32, b [KB, BN] int32 bytes.
+
+    Binary: a code of -1 flips x's sign bit (one shift and one three-input logic op per weight, no multiply,
+    no int-to-float conversion). Ternary: 2**23 + q as fp32 bits is exact, minus 2**23 + 1 gives q - 1."""
+    if ENC == 1:
+        xb = xj.to(tl.int32, bitcast=True)
+        return (xb[:, None] ^ (~(b << (31 - j)) & -2147483648)).to(tl.float32, bitcast=True)
+    else:
+        q = (b >> (2 * j)) & 3
+        c = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
+        return xj[:, None] * c
+
+
+@triton.jit
+def _codes_16(b, j: tl.constexpr, ENC: tl.constexpr, ONE: tl.constexpr):
+    """The bits of the j-th code of every byte as a 16-bit float (ONE: the bits of 1.0 in that format),
+    built with integer ops on the bit pattern: the sign bit is the code's."""
+    if ENC == 1:
+        v = ((b << (15 - j)) & 0x8000) ^ (ONE | 0x8000)
+    else:
+        q = (b >> (2 * j)) & 3
+        v = (ONE | (((q & 2) ^ 2) << 14)) * ((q & 1) ^ 1)
+    return v.to(tl.int16)
+
+
+@triton.jit
+def _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, tile, offs, mask, pid_k, stride_os, SPLIT: tl.constexpr,
+                    LAST_REDUCES: tl.constexpr):
+    """Write a program's output tile: straight to y without a K split; else its fp32 partial, and (with
+    LAST_REDUCES) the program of the tile that arrives last -- counted by an acq_rel atomic after a barrier, so
+    every thread's partial is visible -- sums the SPLIT partials in split order (deterministic), writes y and
+    re-arms the counter, which saves the second launch of `split_sum_kernel`."""
+    if SPLIT == 1:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptr + pid_k * stride_os + offs, acc, mask=mask)
+        if LAST_REDUCES:
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if count == SPLIT - 1:
+                tot = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT):
+                    tot += tl.load(p_ptr + s * stride_os + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + offs, tot.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_xm, stride_os,
+                       ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                       LAST_REDUCES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Few rows (M <= a handful): each program owns one row, BLOCK_N outputs and GPS groups of K (split K
+    when GPS < K / 128). Each code byte is loaded once and expanded in registers, the group's 128 products
+    summed in fp32 before its scale multiplies them. Row programs of one tile run side by side (axis 0), so
+    the tile's bytes come from L2 after the first."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    KB: tl.constexpr = 128 // PER
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # The scale multiplies the group's [KB, BLOCK_N] partial sums element-wise (one FMA per 128 / KB weights)
+    # and the sum over KB, which crosses warps, happens once after the K loop rather than once per group.
+    acc = tl.zeros((KB, BLOCK_N), dtype=tl.float32)
+    for i in range(0, GPS):
+        g = pid_k * GPS + i
+        offs_kb = g * KB + tl.arange(0, KB)
+        b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
+        part = tl.zeros((KB, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            xj = tl.load(x_ptr + m * stride_xm + offs_kb * PER + j).to(tl.float32)
+            part += _x_times_codes(xj, b, j, ENC)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+    acc = tl.sum(acc, axis=0)
+    _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, m * tl.num_programs(1) + pid_n, m * N + offs_n, mask_n, pid_k,
+                    stride_os, SPLIT, LAST_REDUCES)
+
+
+@triton.jit
+def packed_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_xm, stride_os,
+                      ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                      LAST_REDUCES: tl.constexpr, ONE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Up to 64 rows on tensor cores: per group, the [128 / PER, BLOCK_N] code bytes are loaded once and the
+    j-th code of each byte is a [KB, BLOCK_N] operand against the activations x[:, PER * kb + j] (so no
+    reshape of the expanded tile is needed); the group's partial product is fp32, then scaled."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    KB: tl.constexpr = 128 // PER
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, GPS):
+        g = pid_k * GPS + i
+        offs_kb = g * KB + tl.arange(0, KB)
+        b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_kb[None, :] * PER + j, mask=mask_m[:, None],
+                         other=0.0)
+            c = _codes_16(b, j, ENC, ONE).to(x_ptr.dtype.element_ty, bitcast=True)
+            part = tl.dot(xj, c, part)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+    _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
+                    offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_k, stride_os,
+                    SPLIT, LAST_REDUCES)
+
+
+@triton.jit
+def split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over the SPLIT fp32 partial outputs, in split order (deterministic, no atomics)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,5 +270,47 @@ def expand_e4m3_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, B
     c = _decode(w_ptr, offs_k, offs_n, N, mask_n[None, :], ENC)  # [128, BLOCK_N]
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], c.to(tl.float32).to(tl.float8e4nv),
              mask=mask_n[None, :])
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(sw_ptr + g * N + offs_n, s, mask=mask_n)
+
+
+@triton.jit
+def _e4m3_lanes_binary(b):
+    """Four e4m3 codes in the byte lanes of an int32, from 4 code bits (bit i -> lane i): a multiply by
+    1 + 2**7 + 2**14 + 2**21 moves bit i to bit 8i with no two partial products overlapping."""
+    lanes = (((b & 0xF) ^ 0xF) * 0x204081) & 0x01010101  # 1 where the code is -1
+    return 0x38383838 | (lanes << 7)  # 1.0 = 0x38, its sign bit 0x80
+
+
+@triton.jit
+def _e4m3_lanes_ternary(b):
+    """Four e4m3 codes in the byte lanes of an int32 from four 2-bit slots q = code + 1. Each slot's two bits
+    are moved to lane LSBs apart: bit 2i times 2**(6i) lands on bit 8i; the only overlapping partial
+    products fall on bits 6, 12 and 18 and carry at most into 7, 13 and 19, never into a lane's bit."""
+    lo = ((b & 0x55) * 0x41041) & 0x01010101  # q & 1: the code is 0
+    hi = (((b >> 1) & 0x55) * 0x41041) & 0x01010101  # q & 2: the code is +1
+    return (0x38383838 | ((hi ^ 0x01010101) << 7)) & ((lo ^ 0x01010101) * 0xFF)
+
+
+@triton.jit
+def expand_words_kernel(w_ptr, s_ptr, out_ptr, sw_ptr, N, K, ENC: tl.constexpr, PER: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Codes -> e4m3 [N, K] one code byte at a time: the byte's 8 binary (or 4 ternary) codes become one
+    64-bit (32-bit) word of e4m3 bytes in K order, built with a few integer ops per four codes, and the tile
+    is transposed on chip so each row n is written as 128 contiguous bytes per group."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    KB: tl.constexpr = 128 // PER
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kb = g * KB + tl.arange(0, KB)
+    mask_n = offs_n < N
+    b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
+    dst = out_ptr + offs_n[:, None] * (K // PER) + offs_kb[None, :]
+    if ENC == 1:
+        lo = _e4m3_lanes_binary(b).to(tl.uint32).to(tl.int64)
+        hi = _e4m3_lanes_binary(b >> 4).to(tl.uint32).to(tl.int64)
+        tl.store(dst, tl.trans(lo | (hi << 32)), mask=mask_n[:, None])  # [BLOCK_N, KB]
+    else:
+        tl.store(dst, tl.trans(_e4m3_lanes_ternary(b)), mask=mask_n[:, None])
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(sw_ptr + g * N + offs_n, s, mask=mask_n)

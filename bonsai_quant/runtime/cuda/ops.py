@@ -11,10 +11,12 @@ import os
 import torch
 
 from . import kernels as K
-from .layout import ENCODINGS, PackedWeights
+from .layout import CODES_PER_BYTE, ENCODINGS, PackedWeights
 
 _BEST: dict[tuple, dict] = {}
+REJECTED: list = []  # (key, config) pairs whose output disagreed with the tiled kernel's while tuning
 _SCALED_MM_LAYOUT: dict[str, int] = {}
+EXPAND: dict = {"words": None}  # whether the word-at-a-time expansion compiled here (None: not tried yet)
 
 
 def interpreting() -> bool:
@@ -28,8 +30,9 @@ def m_bucket(m: int) -> int:
     return b
 
 
-def _pick(key: tuple, candidates: list[dict], launch) -> None:
-    """Run `launch(**config)` with the tuned config for `key`, tuning first where that is possible."""
+def _pick(key: tuple, candidates: list[dict], launch, accept=None) -> None:
+    """Run `launch(**config)` with the tuned config for `key`, tuning first where that is possible; with
+    `accept`, a config whose first result it rejects is never timed (a wrong result is never fast enough)."""
     best = _BEST.get(key)
     if best is None:
         if interpreting() or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
@@ -40,6 +43,11 @@ def _pick(key: tuple, candidates: list[dict], launch) -> None:
             timed = []
             for cfg in candidates:
                 try:
+                    if accept is not None:
+                        launch(**cfg)
+                        if not accept():
+                            REJECTED.append((key, cfg))
+                            continue
                     timed.append((triton.testing.do_bench(lambda: launch(**cfg), warmup=3, rep=15), cfg))
                 except Exception:  # a tile that does not fit this device's shared memory: skip it
                     continue
@@ -60,12 +68,113 @@ def _matmul_candidates(m: int) -> list[dict]:
             for bm, n, w, s in ((128, 128, 8, 3), (64, 128, 4, 3))]
 
 
+SMALL_M = 64  # up to here the byte-once kernels run (the weight read is the cost); above, the tiled kernel
+ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # the bit pattern of 1.0
+
+
+SMS = 132  # an H200's multiprocessors: the split-K target below (a guess on other devices; tuning decides)
+
+
+def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
+    """Tiles for the byte-once kernels. The weight read is the cost, so the grid must keep enough bytes in
+    flight: (column tile, K split) pairs giving ~2-16 programs per multiprocessor are kept, closest to ~8
+    first, four of them (each is a compile per layer width when tuned)."""
+    rows = m if m <= 4 else 1
+    options = []
+    for bn in (64, 128, 256):
+        for split in (1, 2, 3, 4, 6, 8, 12, 24):
+            if groups % split:
+                continue
+            programs = -(-n // bn) * split * rows
+            if 2 * SMS <= programs <= 16 * SMS or (split == 1 and programs < 2 * SMS):
+                options.append((abs(programs - 8 * SMS) / (8 * SMS) + 0.1 * (bn == 256), bn, split))
+    options.sort()
+    picked = [(bn, split) for _, bn, split in options[:4]] or [(128, 1)]
+    if m <= 4:
+        cands = [dict(kind="gemv", BLOCK_N=bn, SPLIT=sp, num_warps=8 if bn == 256 else 4, num_stages=3)
+                 for bn, sp in picked]
+        bn, sp = picked[0]
+        cands.append(dict(kind="dot", BLOCK_M=16, BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4, num_stages=3))
+    else:
+        cands = [dict(kind="dot", BLOCK_M=max(16, m_bucket(m)), BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4,
+                      num_stages=3) for bn, sp in picked]
+        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
+    # Split tiles reduce in their last program (one launch); the first also as two launches, in case the
+    # arrival counting costs more than a launch on some device.
+    two_pass = [dict(c) for c in cands[:1] if c["SPLIT"] > 1]
+    cands = [dict(c, LAST_REDUCES=c["SPLIT"] > 1) for c in cands] + two_pass
+    cands.append(dict(kind="tiled", BLOCK_M=16 if m <= 16 else m_bucket(m), BLOCK_N=32, SPLIT=1, num_warps=4,
+                      num_stages=3))
+    return cands
+
+
+def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str, BLOCK_N: int, SPLIT: int,
+                   num_warps: int, num_stages: int, BLOCK_M: int = 1, LAST_REDUCES: bool = False) -> None:
+    """y[M, N] = x @ (codes * s)^T through one byte-once kernel ("gemv": one row per program, fp32 FMAs;
+    "dot": tensor cores) or the tiled one ("tiled"), with K split SPLIT ways, the fp32 partial outputs summed
+    in split order by each tile's last program (LAST_REDUCES) or by a second launch."""
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    enc = ENCODINGS[w.encoding]
+    if kind == "tiled":
+        grid = (-(-n // BLOCK_N), -(-m // BLOCK_M))
+        K.packed_matmul_kernel[grid](x, w.codes, w.scales, y, m, n, k, x.stride(0), y.stride(0), ENC=enc,
+                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=x.dtype == torch.float32,
+                                     num_warps=num_warps, num_stages=num_stages)
+        return
+    gps = k // K.GROUP // SPLIT
+    per = CODES_PER_BYTE[w.encoding]
+    p = y if SPLIT == 1 else torch.empty(SPLIT, m, n, dtype=torch.float32, device=x.device)
+    common = dict(ENC=enc, PER=per, GPS=gps, SPLIT=SPLIT, LAST_REDUCES=LAST_REDUCES, BLOCK_N=BLOCK_N,
+                  num_warps=num_warps, num_stages=num_stages)
+    grid = (m, -(-n // BLOCK_N), SPLIT) if kind == "gemv" else (-(-n // BLOCK_N), -(-m // BLOCK_M), SPLIT)
+    cnt = Counters.get(x.device)
+    if LAST_REDUCES and SPLIT > 1 and grid[0] * grid[1] > Counters.SIZE:
+        raise ValueError(f"{grid[0] * grid[1]} output tiles exceed the {Counters.SIZE} split-K counters")
+    if kind == "gemv":
+        K.packed_gemv_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n, **common)
+    else:
+        K.packed_dot_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n,
+                                  ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, **common)
+    if SPLIT > 1 and not LAST_REDUCES:
+        K.split_sum_kernel[(-(-(m * n) // 1024),)](p, y, m * n, SPLIT=SPLIT, BLOCK=1024, num_warps=4)
+
+
+class Counters:
+    """Per device, zeroed int32 arrival counters for the split-K tiles whose last program reduces; every
+    reduction re-arms its counter, so one buffer serves every layer and CUDA-graph replay in stream order."""
+
+    SIZE = 1 << 16
+    _buffers: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in cls._buffers:
+            cls._buffers[key] = torch.zeros(cls.SIZE, dtype=torch.int32, device=device)
+        return cls._buffers[key]
+
+
 def packed_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y[M, N] = x[M, K] @ (codes * s)^T with 16-bit or fp32 activations (fp32 runs exact-fp32 products)."""
     m = x.shape[0]
     y = torch.empty(m, w.out_features, dtype=out_dtype or x.dtype, device=x.device)
     enc = ENCODINGS[w.encoding]
     ieee = x.dtype == torch.float32
+    if m <= SMALL_M and not ieee and w.encoding != "trits" and x.dtype in ONE_BITS:
+        # bonsai trits straddle the 128-groups (5 per byte), so they keep the tiled kernel
+        cands = _small_m_candidates(m, w.in_features // K.GROUP, w.out_features)
+        key = ("small", w.out_features, w.in_features, m_bucket(m), enc, x.dtype)
+        accept = None
+        if key not in _BEST and not interpreting() and not torch.cuda.is_current_stream_capturing():
+            ref = torch.empty_like(y)
+            small_m_matmul(x, w, ref, **cands[-1])  # the tiled kernel, checked in the first round
+
+            def accept():
+                return bool(torch.isfinite(y).all()) and float((y.float() - ref.float()).norm()) <= \
+                    1e-2 * float(ref.float().norm())
+
+        _pick(key, cands, lambda **cfg: small_m_matmul(x, w, y, **cfg), accept)
+        return y
 
     def launch(BLOCK_M, BLOCK_N, num_warps, num_stages):
         grid = (-(-w.out_features // BLOCK_N), -(-m // BLOCK_M))
@@ -145,10 +254,28 @@ class Scratch:
 def expand_e4m3(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes as e4m3 [out, in] and scales as fp32 [in/128, out], written into the shared scratch buffer."""
     codes, scales = Scratch.get(w.codes.device, w.out_features, w.in_features)
+
+    def grid(block_n):
+        return -(-w.out_features // block_n), w.in_features // K.GROUP
+
+    if w.encoding != "trits" and EXPAND["words"] is not False:
+        words = codes.view(torch.int64 if w.encoding == "bits1" else torch.int32)
+        block_n = 32 if interpreting() else 128
+        try:
+            K.expand_words_kernel[grid(block_n)](w.codes, w.scales, words, scales, w.out_features,
+                                                 w.in_features, ENC=ENCODINGS[w.encoding],
+                                                 PER=CODES_PER_BYTE[w.encoding], BLOCK_N=block_n, num_warps=4)
+            EXPAND["words"] = True
+            return codes, scales
+        except Exception as e:  # a Triton build that cannot compile it: the per-code kernel still runs
+            if EXPAND["words"] or torch.cuda.is_current_stream_capturing():
+                raise
+            EXPAND["words"] = False
+            EXPAND["error"] = f"{type(e).__name__}: {e}"[:400]
+    # bonsai trits: 5 codes per byte straddle the words, so one load per code
     block_n = 32 if interpreting() else 64
-    K.expand_e4m3_kernel[(-(-w.out_features // block_n), w.in_features // K.GROUP)](
-        w.codes, w.scales, codes, scales, w.out_features, w.in_features, ENC=ENCODINGS[w.encoding],
-        BLOCK_N=block_n, num_warps=4)
+    K.expand_e4m3_kernel[grid(block_n)](w.codes, w.scales, codes, scales, w.out_features, w.in_features,
+                                        ENC=ENCODINGS[w.encoding], BLOCK_N=block_n, num_warps=4)
     return codes, scales
 
 
