@@ -3,26 +3,18 @@
 __version__ = "0.1.0"
 
 
-def load_transformer(path, dtype=None, device=None):
+def load_transformer(path, dtype=None, device=None, backend=None):
     """A pack or release folder as a diffusers `Flux2Transformer2DModel`, on the best runtime here.
 
-    On a CUDA machine with gemlite installed, a gemlite pack runs on gemlite's kernels; otherwise the reference
-    runtime computes from whichever pack is present (MLX layout preferred on CPU).
+    On a CUDA GPU the packs run on bonsai-quant's own CUDA kernels (`runtime/cuda`, measured faster than gemlite
+    on the whole step); `backend="gemlite"` or `"reference"` chooses another. On the CPU the reference runtime
+    computes from whichever pack is present (MLX layout preferred).
     """
     import torch
 
-    from .runtime import load_transformer as load_reference
-    from .runtime.gemlite_backend import gemlite_available, use_gemlite
-    from .runtime.loader import resolve_pack
+    from .runtime import load_transformer as load_runtime
 
-    if gemlite_available():
-        try:
-            folder = resolve_pack(path, "gemlite")
-        except Exception:
-            folder = None
-        if folder is not None:
-            model = load_reference(folder, dtype=dtype or torch.bfloat16, device=device or "cuda")
-            use_gemlite(model)
-            return model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_reference(path, dtype=dtype or (torch.bfloat16 if device != "cpu" else torch.float32), device=device)
+    dtype = dtype or (torch.bfloat16 if str(device) != "cpu" else torch.float32)
+    target = "gemlite" if backend == "gemlite" else None  # gemlite runs only its own layout
+    return load_runtime(path, dtype=dtype, device=device, target=target, backend=backend)

@@ -79,5 +79,5 @@ def apply_backend(model: torch.nn.Module, folder, backend: str) -> torch.nn.Modu
         if layouts - {"gemlite"}:
             raise BonsaiError(f"backend 'gemlite' runs gemlite-layout packs, and {folder} is "
                               f"{', '.join(sorted(layouts))}; use backend='cuda' or 'reference'")
-        use_gemlite(model, folder)
+        use_gemlite(model)
     return model
