@@ -292,10 +292,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cp
     `dtype` (klein 4B in bf16: 7.75 GB), never a float32 random init first."""
     from diffusers import Flux2Transformer2DModel
 
-    from .checkpoint import Checkpoint
     from .flux2 import model_kwargs
+    from .readers.bfl import open_checkpoint
 
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     ckpt.validate()
     with torch.device("meta"):
         model = Flux2Transformer2DModel(**model_kwargs(ckpt.config))

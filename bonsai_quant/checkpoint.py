@@ -194,6 +194,11 @@ class Checkpoint:
     def source_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def config_bytes(self) -> bytes:
+        """config.json as the packs copy it (a reader without one on disk supplies its own)."""
+        return (self.path / "config.json").read_bytes()
+
 
 def write_weights(folder: Path, entries: list[Entry], tensor_for, max_shard_bytes: int) -> list[str]:
     """Write `tensor_for(name)` for each entry as the diffusers weight file(s) of `folder`; returns the files."""

@@ -92,12 +92,12 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .checkpoint import Checkpoint
     from .plan import make_plan, summarize_bytes
+    from .readers.bfl import open_checkpoint
 
     recipe = _recipe(args)
     with _model(args) as model:
-        plan = make_plan(Checkpoint(model), recipe, args.target)
+        plan = make_plan(open_checkpoint(model), recipe, args.target)
         rows = []
         for target in plan.targets:
             for d, entries in plan.entries(target):
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: built-in tiny model)")
+        p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder, or a BFL single-file "
+                       "checkpoint (flux-2-klein-4b.safetensors) (default: built-in tiny model)")
         p.add_argument("--mode", choices=("binary", "ternary"),
                        help="quantization mode (default: the recipe's; ternary without a recipe)")
         p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml, the published keep set)")

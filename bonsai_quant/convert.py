@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .readers.bfl import open_checkpoint
 from .errors import BonsaiError
 from .figures import figure, mean
 from .output import atomic_output, check_free_space
@@ -94,7 +95,7 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
     `calib`: a calibration set folder for calibrated solvers (default: the recipe's `calibration:`)."""
     start = time.perf_counter()
-    checkpoint = Checkpoint(model)
+    checkpoint = open_checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
     check_free_space(Path(out).parent, planned_bytes(plan), f"converting to {', '.join(plan.targets)}")
     with atomic_output(Path(out), force=force, sources=(model, calib or plan.recipe.calibration_path())) as tmp:
@@ -116,7 +117,7 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
         qconfig["calibration"] = calibration  # only for calibrated packs: data-free packs stay byte-identical
     qconfig.update(extra_config or {})
     slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
-    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
+    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.config_bytes, qconfig, slots)
     try:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .readers.bfl import open_checkpoint
 from .describe import CONFIG_NAME, pack_folders
 from .errors import BonsaiError
 from .flux2 import model_kwargs
@@ -218,12 +219,12 @@ class PackVerifier:
             _fail(f"{self.folder / CONFIG_NAME}: no recipe_yaml; comparing with --source re-runs the recipe the "
                   "pack records there")
         recipe = _recorded_recipe(q, f"{self.folder / CONFIG_NAME}:recipe_yaml")
-        ckpt = Checkpoint(self.source)
+        ckpt = open_checkpoint(self.source)
         specs = ckpt.validate()
         if model_kwargs(ckpt.config) != model_kwargs(self.config):
             _fail(f"--source {self.source}: config.json differs from the pack's")
-        if (self.folder / "config.json").read_bytes() != (ckpt.path / "config.json").read_bytes():
-            _fail(f"{self.folder / 'config.json'} is not a copy of the source's {ckpt.path / 'config.json'}")
+        if (self.folder / "config.json").read_bytes() != ckpt.config_bytes:
+            _fail(f"{self.folder / 'config.json'} is not a copy of the source's config.json ({ckpt.path})")
         decisions = decide_all(specs, {n: t.dtype for n, t in ckpt.tensors.items()}, recipe)
         scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
         stats = self._calibration_stats(ckpt, decisions)
@@ -400,7 +401,7 @@ class PackVerifier:
     @torch.no_grad()
     def source_output(self, inputs: dict) -> torch.Tensor:
         """The unquantized source's float32 forward, its block linears read from disk as they are used."""
-        ckpt = Checkpoint(self.source)
+        ckpt = open_checkpoint(self.source)
         modules = {m for m in self.qconfig["quantized"]}
         kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
         fetch = {m: (lambda m=m: ckpt.load(f"{m}.weight").float()) for m in modules}
