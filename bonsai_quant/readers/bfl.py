@@ -122,7 +122,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> dict:
     if sum(axes) != head_dim:
         raise CheckpointError(f"{where}: head size {head_dim} splits into no four equal RoPE axes; give the "
                               "transformer as a diffusers folder with its config.json")
-    return dict(patch_size=1, in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,
+    return dict(patch_size=1, in_channels=in_channels,
+                out_channels=None if out_channels == in_channels else out_channels,
                 num_layers=doubles, num_single_layers=singles, attention_head_dim=head_dim,
                 num_attention_heads=hidden // head_dim, joint_attention_dim=shape("txt_in.weight")[1],
                 timestep_guidance_channels=shape("time_in.in_layer.weight")[1], mlp_ratio=mlp_hidden / hidden,
