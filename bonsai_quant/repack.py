@@ -24,6 +24,12 @@ RUNTIME_TARGETS = ("mlx", "gemlite")
 
 
 def repack(src: Path, target: str, out: Path, force: bool = False, verbose: bool = False) -> dict:
+    from .readers.published import find_published
+
+    if find_published(src):  # a published Bonsai pack: read loosely, into any of our targets
+        from .readers.published_convert import repack_published
+
+        return repack_published(Path(src), target, Path(out), force=force, verbose=verbose)
     if target not in RUNTIME_TARGETS:
         raise PackError(f"repack target {target!r}; valid: {', '.join(RUNTIME_TARGETS)}")
     start = time.perf_counter()
