@@ -94,6 +94,11 @@ def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | Non
             raise BonsaiError(f"{path}: is already a quantized pack; --fake-quant and --recipe apply to "
                               "full-precision models")
         model, folder = load_pack(path, encoder, target)
+        from .readers.published import find_published, open_published
+
+        if find_published(folder):
+            pub = open_published(folder)
+            return LoadedModel(model, str(folder), "pack", pub.mode, pub.format, None)
         qc = read_json(folder / "quantization_config.json")
         return LoadedModel(model, str(folder), "pack", qc.get("mode"), qc.get("format"),
                            (qc.get("recipe") or {}).get("name"))

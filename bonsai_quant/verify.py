@@ -471,6 +471,13 @@ class PackVerifier:
 def verify(path: Path, source: Path | None = None, image_tokens: int = 64, text_tokens: int = 32,
            seed: int = 0, calib: Path | None = None, reproducible: bool = False) -> dict:
     """`reproducible`: figures that do not depend on the thread count (slower forwards), for release folders."""
+    from .readers.published import find_published
+
+    published = find_published(Path(path))
+    if published:
+        from .readers.published_verify import verify_published
+
+        return verify_published(published, source, image_tokens, text_tokens, seed, reproducible)
     packs = []
     for folder in pack_folders(Path(path)):
         steps = PackVerifier(folder, source, image_tokens, text_tokens, seed, calib, reproducible).run()

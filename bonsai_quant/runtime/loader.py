@@ -27,7 +27,12 @@ def _format_of(folder: Path) -> str:
 
 
 def resolve_pack(path: Path, target: str | None = None) -> Path:
-    """A pack folder, or the preferred target's folder of a `convert` output holding several."""
+    """A pack folder, or the preferred target's folder of a `convert` output holding several; or a published
+    Bonsai pack folder (its layout counts as `mlx` or `gemlite`)."""
+    from ..readers.published import find_published, published_folder
+
+    if find_published(path):
+        return published_folder(path, target)
     folders = pack_folders(Path(path))
     formats = {_format_of(f): f for f in folders}
     if target is not None:
@@ -77,7 +82,11 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
+    from ..readers.published import find_published, load_published_transformer
+
     folder = resolve_pack(Path(path), target)
+    if find_published(folder):
+        return load_published_transformer(folder, dtype=dtype, device=device)
     pack = open_pack(folder)
     qconfig, layout = pack.qconfig, pack.format
     reader = PackReader(folder, pack.headers)
