@@ -156,7 +156,7 @@ class Checkpoint:
 
     def validate(self, group_size: int | None = None) -> dict[str, TensorSpec]:
         """Check every tensor against the architecture in config.json; returns the expected specs."""
-        source = str(self.path / "config.json")
+        source = self.config_source
         # Source weights are 16 or 32 bits each: a config claiming more than the files hold is refused
         # before its architecture is built.
         check_size(self.config, self.source_bytes, 16, source)
@@ -193,6 +193,11 @@ class Checkpoint:
     @property
     def source_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def config_source(self) -> str:
+        """Where the config comes from, for error messages."""
+        return str(self.path / "config.json")
 
     @property
     def config_bytes(self) -> bytes:

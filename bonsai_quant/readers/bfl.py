@@ -172,6 +172,10 @@ class BflCheckpoint(Checkpoint):
             self.tensors[name] = TensorInfo(name, src.dtype, shape, self.path)
         self._handles = {}
 
+    @property
+    def config_source(self) -> str:
+        return f"{self.path} (config read off its tensor shapes)"
+
     @cached_property
     def config_bytes(self) -> bytes:
         return config_text(self.config).encode()
