@@ -12,8 +12,7 @@ from bonsai_quant.cli import main
 from bonsai_quant.convert import convert
 from bonsai_quant.errors import CheckpointError
 from bonsai_quant.flux2 import PRESETS
-from bonsai_quant.readers.bfl import (COMFY_PREFIX, BflCheckpoint, diffusers_config, diffusers_converter,
-                                      write_bfl_file)
+from bonsai_quant.readers.bfl import COMFY_PREFIX, BflCheckpoint, diffusers_config, diffusers_converter, write_bfl_file
 from bonsai_quant.recipe import default_recipe
 from bonsai_quant.synthetic import write_checkpoint
 
@@ -55,7 +54,8 @@ def test_reader_equals_diffusers_conversion_of_the_whole_file(both):
         got = reader.load(name)
         assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
         assert torch.equal(got, Checkpoint(folder).load(name)), name
-    assert reader.describe_source("transformer_blocks.1.attn.to_k.weight") == "double_blocks.1.img_attn.qkv.weight[256:512]"
+    assert (reader.describe_source("transformer_blocks.1.attn.to_k.weight")
+            == "double_blocks.1.img_attn.qkv.weight[256:512]")
     # diffusers swaps BFL's (shift, scale) of the final AdaLN: two runs of rows, in that order
     assert reader.describe_source("norm_out.linear.weight") == "final_layer.adaLN_modulation.1.weight[256:512, 0:256]"
 
@@ -85,7 +85,8 @@ def test_comfyui_prefixed_file_and_cli(both, tmp_path, capsys):
     assert all(n.startswith(COMFY_PREFIX) for n in load_file(str(prefixed)))
     assert main(["convert", "--model", str(prefixed), "--mode", "binary", "--target", "bonsai,mlx,gemlite",
                  "--out", str(tmp_path / "b"), "--quiet", "--shard-bytes", "1000000"]) == 0
-    convert(folder, default_recipe("binary"), tmp_path / "a", targets=TARGETS, max_shard_bytes=1_000_000, verbose=False)
+    convert(folder, default_recipe("binary"), tmp_path / "a", targets=TARGETS, max_shard_bytes=1_000_000,
+            verbose=False)
     _same_packs(tmp_path / "a", tmp_path / "b")
     assert main(["verify", str(tmp_path / "b" / "bonsai"), "--source", str(prefixed)]) == 0
     assert "verify: PASS" in capsys.readouterr().out
@@ -95,7 +96,7 @@ def test_refuses_files_that_are_not_flux2(both, tmp_path, capsys):
     _, file = both
     other = tmp_path / "other.safetensors"
     save_file({"model.weight": torch.zeros(2, 2)}, str(other))
-    with pytest.raises(CheckpointError, match="not a BFL FLUX.2 transformer file .*single_stream_modulation.lin.weight"):
+    with pytest.raises(CheckpointError, match="not a BFL FLUX.2 transformer file .*single_stream_modulation"):
         BflCheckpoint(other)
     assert main(["convert", "--model", str(other), "--out", str(tmp_path / "o")]) == 2
     assert "not a BFL FLUX.2 transformer file" in capsys.readouterr().err and not (tmp_path / "o").exists()

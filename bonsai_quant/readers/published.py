@@ -23,7 +23,6 @@ containers is refused with the name of what was found.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from dataclasses import dataclass, field

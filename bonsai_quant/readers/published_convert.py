@@ -77,8 +77,8 @@ def converted_qconfig(pack, dtype: torch.dtype, lossy: list[dict]) -> dict:
         "format_version": 1, "format": None, "tool": {"name": "bonsai-quant", "version": __version__},
         "mode": pack.mode, "bits": BITS[pack.mode], "group_size": pack.group_size, "scale_dtype": _name(dtype),
         "weights": "model.safetensors", "shard_bytes": SHARD_BYTES,
-        "quantized": {m: {"mode": pack.mode, "bits": BITS[pack.mode], "solver": "published", "role": role_of(f"{m}.weight"),
-                          "shape": list(shape), "rule": f"published {pack.format}"}
+        "quantized": {m: {"mode": pack.mode, "bits": BITS[pack.mode], "solver": "published",
+                          "role": role_of(f"{m}.weight"), "shape": list(shape), "rule": f"published {pack.format}"}
                       for m, shape in pack.quantized.items()},
         "kept": {n: {"dtype": _name(pack.kept[n]), "role": pack.specs[n].role, "shape": list(pack.specs[n].shape),
                      "rule": f"published {pack.format}"} for n in pack.kept},
@@ -107,8 +107,8 @@ def repack_published(src: Path, target: str, out: Path, force: bool = False, ver
             slots.append(Slot(name, spec.shape, "quantize", mode=pack.mode))
         else:
             slots.append(Slot(name, spec.shape, "keep", kept_dtype=pack.kept[name]))
-    check_free_space(Path(out).parent, sum(e.nbytes for e in pack_entries(target, {**qconfig, "format": target}, slots)),
-                     f"repacking to {target}")
+    planned = sum(e.nbytes for e in pack_entries(target, {**qconfig, "format": target}, slots))
+    check_free_space(Path(out).parent, planned, f"repacking to {target}")
     with atomic_output(Path(out), force=force, sources=(src,)) as tmp:
         packs = PackSet({target: tmp}, (folder / "config.json").read_bytes(), qconfig, slots)
         try:

@@ -25,8 +25,19 @@ import torch
 
 from ..errors import BonsaiError
 from ..figures import figure, fixed_threads
-from ..verify import (E2E_BOUND, GEMLITE_LAYER_BOUND, MLX_E2E_BOUND, MLX_LAYER_BOUND, PackVerifier, Step, _bits,
-                      _fail, _Fail, _gate, _lazy_dense_model)
+from ..verify import (
+    E2E_BOUND,
+    GEMLITE_LAYER_BOUND,
+    MLX_E2E_BOUND,
+    MLX_LAYER_BOUND,
+    PackVerifier,
+    Step,
+    _bits,
+    _Fail,
+    _fail,
+    _gate,
+    _lazy_dense_model,
+)
 from .published import TOLERANCE, bf16_ulp, open_published
 
 
@@ -88,7 +99,8 @@ class PublishedVerifier:
                 continue
             if d.module not in p.quantized:
                 _fail(f"{d.name}: the {p.mode} default recipe quantizes it, the pack keeps it")
-            requant = quantize(ckpt.load(d.name), d.mode, p.group_size, SCALE_DTYPES["bfloat16"], d.solver, name=d.name)
+            requant = quantize(ckpt.load(d.name), d.mode, p.group_size, SCALE_DTYPES["bfloat16"], d.solver,
+                               name=d.name)
             got = p.decode(d.module)
             if not torch.equal(got.codes, requant.codes):
                 idx = (got.codes != requant.codes).nonzero()[0].tolist()
@@ -141,7 +153,8 @@ class PublishedVerifier:
             worst = max(worst, err)
         step.data.update(max_rel_error=worst, max_dequantize_offset_ulp=worst_deq)
         step.detail = (f"mlx {mx.__version__}: dequantize within {worst_deq:.2g} bf16 ulp of codes * s on "
-                       f"{len(p.quantized)} layers; QuantizedLinear max rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
+                       f"{len(p.quantized)} layers; QuantizedLinear max rel error {worst:.1e} "
+                       f"(bound {MLX_LAYER_BOUND})")
 
     def _gemlite(self, step: Step) -> None:
         from ..runtime.gemlite_backend import gemlite_available
@@ -204,7 +217,8 @@ class PublishedVerifier:
         err = relative_error(mlx_forward_numpy(model, {k: v.numpy() for k, v in inputs.items()}), reference)
         step.data.update(rel_error=err, bound=MLX_E2E_BOUND)
         _gate(err, MLX_E2E_BOUND, "MLX transformer forward differs from the torch reference")
-        step.detail = f"MLX forward from the published tensors vs torch fp32 reference: rel error {err:.1e} (bound {MLX_E2E_BOUND})"
+        step.detail = (f"MLX forward from the published tensors vs torch fp32 reference: rel error {err:.1e} "
+                       f"(bound {MLX_E2E_BOUND})")
 
     def run(self) -> list[Step]:
         steps, cache = [], {}
