@@ -124,9 +124,9 @@ def bench_bfl(args, ckpt: Path) -> int:
               + f"; BFL/diffusers time {row['time_ratio_bfl_to_diffusers']:.2f}x")
         figures[mode] = row
         shutil.rmtree(outs["bfl"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        if args.json:  # after every mode, so that a long run's figures survive an interruption
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0 if all(figures[m]["packs_identical"] for m in args.modes.split(",")) else 1
 
 
