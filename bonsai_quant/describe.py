@@ -10,6 +10,11 @@ from .packing.targets import TARGETS
 
 
 def describe(path: Path) -> list[dict]:
+    from .readers.published import describe_published, find_published
+
+    published = find_published(path)
+    if published:
+        return [describe_published(folder) for folder in published]
     result = []
     for folder in pack_folders(path):
         pack = check_pack(folder)
@@ -40,4 +45,6 @@ def format_description(info: list[dict]) -> str:
                   f"  {p['quantized_tensors']} quantized tensors ({p['quantized_weights']:,} weights, "
                   f"{p['quantized_bytes']:,} bytes, {p['bits_per_weight']:.3f} bits/weight)",
                   f"  {p['kept_tensors']} kept tensors ({p['kept_bytes']:,} bytes); {p['files_bytes']:,} bytes on disk"]
+        if p.get("skip_patterns"):
+            lines.append(f"  skip_patterns: {', '.join(p['skip_patterns'])}")
     return "\n".join(lines)
