@@ -39,7 +39,8 @@ def describe(path: Path) -> list[dict]:
 def format_description(info: list[dict]) -> str:
     lines = []
     for p in info:
-        slots = (TARGETS[p["format"]].slots or {}).get(p["mode"], f"{p['bits']}-bit slots")
+        target = TARGETS.get(p["format"])  # a published layout stores bits-wide slots, as our runtime targets do
+        slots = ((target.slots if target else None) or {}).get(p["mode"], f"{p['bits']}-bit slots")
         lines += [f"{p['folder']}: {p['format']} pack, {p['mode']} ({slots}), group {p['group_size']}, "
                   f"{p['scale_dtype']} scales",
                   f"  {p['quantized_tensors']} quantized tensors ({p['quantized_weights']:,} weights, "

@@ -191,3 +191,34 @@ def test_eval_reads_a_published_digits_pack(tmp_path):
     a, _ = evaluate(published, samples=3, steps=2, encoder=encoder)
     b, _ = evaluate(load_for_eval(tmp_path / "ours" / "mlx", encoder), samples=3, steps=2, encoder=encoder)
     assert a["per_digit_accuracy"] == b["per_digit_accuracy"] and a["frechet_distance"] == b["frechet_distance"]
+
+
+def test_our_own_pack_in_the_mflux_folder_is_ours_not_published(ours, tmp_path):
+    """`release` writes our MLX pack into transformer-packed-mflux/ (the Bonsai layout): our quantization_config
+    (it names its "format") makes it ours; the same folder without that key is read as a published pack."""
+    import shutil
+
+    from bonsai_quant.runtime.loader import resolve_pack
+
+    mode, out = ours
+    folder = tmp_path / "transformer-packed-mflux"
+    shutil.copytree(out / "mlx", folder)
+    shutil.copyfile(folder / "model.safetensors", folder / "diffusion_pytorch_model.safetensors")
+    assert find_published(tmp_path) == [] and find_published(folder) == []
+    assert resolve_pack(tmp_path, "mlx") == folder
+    # Read as ours: our pack check, not the published reader, answers for the extra file.
+    with pytest.raises(PackError, match=r"transformer-packed-mflux/diffusion_pytorch_model\.safetensors: a "
+                                        r"safetensors file the pack does not use \(neither model\.safetensors"):
+        describe(tmp_path)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    info = describe(tmp_path)
+    assert [(p["folder"], p["format"], p["mode"], p["tool"]["name"]) for p in info] == [
+        (str(folder), "mlx", mode, "bonsai-quant")]
+    shutil.copyfile(folder / "model.safetensors", folder / "diffusion_pytorch_model.safetensors")
+
+    qpath = folder / "quantization_config.json"
+    qc = json.loads(qpath.read_text())
+    qpath.write_text(json.dumps({k: v for k, v in qc.items() if k != "format"}, indent=2) + "\n")
+    assert find_published(tmp_path) == [folder] and find_published(folder) == [folder]
+    info = describe(tmp_path)
+    assert [(p["folder"], p["format"], p["mode"]) for p in info] == [(str(folder), "published-mlx", mode)]

@@ -64,10 +64,21 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x, dtype=torch.float32), (exponent - 1).clamp(min=-126) - 7)
 
 
+def _is_ours(qconfig: Path) -> bool:
+    """bonsai-quant's own quantization_config.json names its `format`; the published MLX one (bits, group_size,
+    skip_patterns) does not. Our release writes its MLX pack into transformer-packed-mflux/ too, so the key, not
+    the folder name, tells the two apart."""
+    try:
+        data = read_json(qconfig, PackError)
+    except PackError:
+        return False  # unreadable: open_published names the file and what is wrong with it
+    return isinstance(data, dict) and "format" in data
+
+
 def _is_layout(folder: Path) -> str | None:
     if (folder / PICKLE_NAME).exists():
         return "gemlite"
-    if (folder / MLX_WEIGHTS).exists() and (folder / QCONFIG_NAME).exists():
+    if (folder / MLX_WEIGHTS).exists() and (folder / QCONFIG_NAME).exists() and not _is_ours(folder / QCONFIG_NAME):
         return "mlx"
     return None
 
