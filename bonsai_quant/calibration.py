@@ -288,11 +288,11 @@ def default_model_dtype(checkpoint) -> torch.dtype:
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A diffusers FLUX.2 checkpoint folder as an eval-mode model (`dense.load_dense` of a new Checkpoint)."""
-    from .checkpoint import Checkpoint
+    """A diffusers FLUX.2 checkpoint folder or BFL single file as an eval-mode model (`dense.load_dense`)."""
     from .dense import load_dense
+    from .readers.bfl import open_checkpoint
 
-    return load_dense(Checkpoint(path), dtype=dtype, device=device)
+    return load_dense(open_checkpoint(path), dtype=dtype, device=device)
 
 
 def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = None, text_encoder: Path | None = None,
@@ -305,17 +305,17 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
 
     The digits model (no `model_path`, or a checkpoint with the digits input widths) uses its own text embedding
     and, without a prompt file, its ten prompts; any other model needs `--prompts` and a text encoder."""
-    from .checkpoint import Checkpoint
     from .dense import load_dense
     from .digits import GRID, MAX_TOKENS, model_dir, prompt
     from .output import atomic_output, check_output
+    from .readers.bfl import open_checkpoint
 
     if steps < 1:
         raise BonsaiError(f"steps must be at least 1, got {steps}")
     model_path = Path(model_path) if model_path is not None else model_dir()
     sources = (model_path, text_encoder, prompts_path)
     check_output(Path(out), force, sources)  # before minutes of sampling, not after
-    checkpoint = Checkpoint(model_path)
+    checkpoint = open_checkpoint(model_path)
     config = checkpoint.config
     digits = digits_text_encoder(model_path, config) if text_encoder is None else None
     if digits is not None:

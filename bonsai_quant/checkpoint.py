@@ -157,7 +157,7 @@ class Checkpoint:
 
     def validate(self, group_size: int | None = None) -> dict[str, TensorSpec]:
         """Check every tensor against the architecture in config.json; returns the expected specs."""
-        source = str(self.path / "config.json")
+        source = self.config_source
         # Source weights are 16 or 32 bits each: a config claiming more than the files hold is refused
         # before its architecture is built.
         check_size(self.config, self.source_bytes, 16, source)
@@ -195,6 +195,16 @@ class Checkpoint:
     @property
     def source_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def config_source(self) -> str:
+        """Where the config comes from, for error messages."""
+        return str(self.path / "config.json")
+
+    @property
+    def config_bytes(self) -> bytes:
+        """config.json as the packs copy it (a reader without one on disk supplies its own)."""
+        return (self.path / "config.json").read_bytes()
 
 
 def write_weights(folder: Path, entries: list[Entry], tensor_for, max_shard_bytes: int) -> list[str]:

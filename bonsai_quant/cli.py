@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .cli_args import add_model_args, model_from_args, recipe_from_args, targets_arg
 from .errors import BonsaiError
-from .packing.targets import RUNTIME_NAMES
+from .packing.targets import NAMES, RUNTIME_NAMES
 
 
 def cmd_convert(args) -> int:
@@ -62,11 +62,11 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .checkpoint import Checkpoint
     from .plan import format_plan, make_plan, plan_record
+    from .readers.bfl import open_checkpoint
 
     recipe = recipe_from_args(args)
-    plan = make_plan(Checkpoint(model_from_args(args)), recipe, args.target)
+    plan = make_plan(open_checkpoint(model_from_args(args)), recipe, args.target)
     print(json.dumps(plan_record(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -85,6 +85,12 @@ def cmd_repack(args) -> int:
     result = repack(args.src, args.target, args.out, force=args.force, verbose=True)
     print(f"wrote {result['out']}: {result['target']} pack, {result['files_bytes'] / 1e9:.3f} GB, "
           f"{result['tensors']} tensors, {result['seconds']:.1f} s")
+    if "lossless" in result:  # from a published pack
+        print(f"  {result['scale_dtype']} scales; " + ("lossless: every layer decodes to the published levels"
+              if result["lossless"] else f"{len(result['lossy_tensors'])} layer(s) not lossless:"))
+        for t in result["lossy_tensors"]:
+            print(f"  {t['tensor']}: levels move by up to {t['levels_moved_max']:.3g} ({t['levels_moved_max_rel']:.2g} "
+                  f"of s), 16-bit s rounds by up to {t['scale_rounding_max_rel']:.2g} relative")
     return 0
 
 
@@ -211,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly")
-    p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/)")
-    p.add_argument("--target", choices=RUNTIME_NAMES, required=True)
+    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly; or a "
+                                      "published Bonsai pack into any bonsai-quant pack")
+    p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/), or a published "
+                                          "Bonsai snapshot (transformer-packed-mflux/ or transformer-gemlite-int*/)")
+    p.add_argument("--target", choices=NAMES, required=True,
+                   help=f"a bonsai pack repacks to {' or '.join(RUNTIME_NAMES)}; a published snapshot to any")
     p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_repack)

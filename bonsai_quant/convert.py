@@ -31,6 +31,7 @@ from .packing.formats import dtype_name
 from .packing.packset import PackSet, Slot
 from .plan import Decision, Plan, make_plan, summarize_bytes
 from .quantizers import check_finite, quantize
+from .readers.bfl import open_checkpoint
 from .recipe import Recipe
 
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -96,7 +97,7 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
     `calib`: a calibration set folder for calibrated solvers (default: the recipe's `calibration:`)."""
     start = time.perf_counter()
-    checkpoint = Checkpoint(model)
+    checkpoint = open_checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
     check_free_space(Path(out).parent, planned_bytes(plan), f"converting to {', '.join(plan.targets)}")
     with atomic_output(Path(out), force=force, sources=(model, calib or plan.recipe.calibration_path())) as tmp:
@@ -120,7 +121,7 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
     qconfig.update(extra_config or {})
     slots = [d.slot for d in plan.decisions]
     config = PackConfig.from_dict(qconfig, "quantization_config", require_format=False)
-    with PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", config, slots) as packs:
+    with PackSet({t: folder / t for t in plan.targets}, checkpoint.config_bytes, config, slots) as packs:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:

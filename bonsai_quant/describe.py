@@ -10,6 +10,11 @@ from .packing.targets import TARGETS
 
 
 def describe(path: Path) -> list[dict]:
+    from .readers.published import describe_published, find_published
+
+    published = find_published(path)
+    if published:
+        return [describe_published(folder) for folder in published]
     result = []
     for folder in pack_folders(path):
         pack = check_pack(folder)
@@ -34,10 +39,13 @@ def describe(path: Path) -> list[dict]:
 def format_description(info: list[dict]) -> str:
     lines = []
     for p in info:
-        slots = (TARGETS[p["format"]].slots or {}).get(p["mode"], f"{p['bits']}-bit slots")
+        target = TARGETS.get(p["format"])  # a published layout stores bits-wide slots, as our runtime targets do
+        slots = ((target.slots if target else None) or {}).get(p["mode"], f"{p['bits']}-bit slots")
         lines += [f"{p['folder']}: {p['format']} pack, {p['mode']} ({slots}), group {p['group_size']}, "
                   f"{p['scale_dtype']} scales",
                   f"  {p['quantized_tensors']} quantized tensors ({p['quantized_weights']:,} weights, "
                   f"{p['quantized_bytes']:,} bytes, {p['bits_per_weight']:.3f} bits/weight)",
                   f"  {p['kept_tensors']} kept tensors ({p['kept_bytes']:,} bytes); {p['files_bytes']:,} bytes on disk"]
+        if p.get("skip_patterns"):
+            lines.append(f"  skip_patterns: {', '.join(p['skip_patterns'])}")
     return "\n".join(lines)

@@ -52,12 +52,12 @@ def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
     """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor."""
     import torch
 
-    from .checkpoint import Checkpoint
     from .dense import load_dense
     from .digits import check_compatible
+    from .readers.bfl import open_checkpoint
 
-    ckpt = Checkpoint(path)
-    check_compatible(ckpt.config, encoder, str(ckpt.path / "config.json"))
+    ckpt = open_checkpoint(path)
+    check_compatible(ckpt.config, encoder, ckpt.config_source)
     return load_dense(ckpt, dtype=torch.float32)
 
 
@@ -95,7 +95,11 @@ def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | Non
                               "full-precision models")
         model, folder = load_pack(path, encoder, target)
         from .packing.config import PackConfig
+        from .readers.published import find_published, open_published
 
+        if find_published(folder):
+            pub = open_published(folder)
+            return LoadedModel(model, str(folder), "pack", pub.mode, pub.format, None)
         qc = PackConfig.load(folder)
         return LoadedModel(model, str(folder), "pack", qc.mode, qc.format, qc.recipe_name)
     if target is not None:

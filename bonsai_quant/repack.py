@@ -18,10 +18,14 @@ from .pack_check import open_pack
 from .packing import bonsai
 from .packing.packset import PackSet, pack_entries, slots_from_config
 from .packing.targets import RUNTIME_NAMES as RUNTIME_TARGETS
+from .readers.published import find_published
+from .repack_published import repack_published
 from .runtime.loader import PackReader, resolve_pack
 
 
 def repack(src: Path, target: str, out: Path, force: bool = False, verbose: bool = False) -> dict:
+    if find_published(src):  # a published Bonsai pack: read loosely, into any of our targets
+        return repack_published(Path(src), target, Path(out), force=force, verbose=verbose)
     if target not in RUNTIME_TARGETS:
         raise PackError(f"repack target {target!r}; valid: {', '.join(RUNTIME_TARGETS)}")
     start = time.perf_counter()

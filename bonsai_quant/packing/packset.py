@@ -73,15 +73,18 @@ class PackSet:
     """Use as a context manager: the packs are closed (manifests written) when the block ends, aborted (their
     writers' temporaries removed) when it raises."""
 
-    def __init__(self, folders: dict[str, Path], config_json: Path, qconfig: PackConfig, slots: list[Slot]):
-        """folders: target -> pack folder to fill (made if missing)."""
+    def __init__(self, folders: dict[str, Path], config_json: Path | bytes, qconfig: PackConfig, slots: list[Slot]):
+        """folders: target -> pack folder to fill (made if missing); config_json: a file to copy, or its bytes."""
         self.folders = {t: Path(f) for t, f in folders.items()}
         self.group_size = qconfig.group_size
         self.writers: dict[str, ShardedWriter] = {}
         try:
             for target, folder in self.folders.items():
                 folder.mkdir(exist_ok=True)
-                shutil.copyfile(config_json, folder / "config.json")
+                if isinstance(config_json, bytes):
+                    (folder / "config.json").write_bytes(config_json)
+                else:
+                    shutil.copyfile(config_json, folder / "config.json")
                 qconfig.for_target(target).write(folder)
                 self.writers[target] = ShardedWriter(folder, pack_entries(target, qconfig, slots), PACK_STEM,
                                                      qconfig.shard_bytes, safetensors_metadata(target, qconfig))

@@ -7,14 +7,16 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import read_folder_headers
-from ..errors import PackError
+from ..errors import BonsaiError, PackError
 from ..flux2 import model_kwargs
 from ..pack_check import open_pack
 from ..packing.folders import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, pack_folders
 from ..packing.targets import NAMES, TARGETS
+from ..readers.published import find_published, published_folder
 from ..shards import read_json
 from .cuda.backend import apply_backend, choose_backend
 from .packed_linear import PackedLinear
+from .published import load_published_transformer
 
 # Where a convert output holds several packs: the registry's order.
 TARGET_PREFERENCE = NAMES
@@ -30,7 +32,10 @@ def _format_of(folder: Path) -> str:
 
 
 def resolve_pack(path: Path, target: str | None = None) -> Path:
-    """A pack folder, or the preferred target's folder of a `convert` output holding several."""
+    """A pack folder, or the preferred target's folder of a `convert` output holding several; or a published
+    Bonsai pack folder (its layout counts as `mlx` or `gemlite`)."""
+    if find_published(path):
+        return published_folder(path, target)
     folders = pack_folders(Path(path))
     formats = {_format_of(f): f for f in folders}
     if target is not None:
@@ -83,8 +88,13 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
-    backend = choose_backend(backend, device)
+    chosen = choose_backend(backend, device)
     folder = resolve_pack(Path(path), target)
+    if find_published(folder):
+        if backend not in (None, "reference"):
+            raise BonsaiError(f"{folder}: a published Bonsai pack runs on the reference backend (its levels are "
+                              f"symmetric only up to rounding), not {backend!r}; use backend='reference'")
+        return load_published_transformer(folder, dtype=dtype, device=device)
     pack = open_pack(folder)
     qconfig, layout = pack.qconfig, pack.format
     reader = PackReader(folder, pack.headers)
@@ -99,4 +109,4 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     kept = {name: reader.get(name).to(device=device, dtype=dtype) for name in qconfig.kept}
     model.load_state_dict(kept, strict=False, assign=True)
     model.register_to_config(_name_or_path=str(folder))
-    return apply_backend(model, folder, backend).eval()
+    return apply_backend(model, folder, chosen).eval()

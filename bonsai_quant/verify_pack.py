@@ -1,0 +1,489 @@
+"""`verify`'s steps for bonsai-quant's own packs (`PackVerifier`), and the gates and bounds every verifier shares.
+
+The steps and what each checks are listed in `verify.py`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .dense import lazy_dense_model, load_dense
+from .errors import BonsaiError
+from .figures import figure, fixed_threads
+from .flux2 import model_kwargs
+from .manifest import check_manifest
+from .pack_check import check_pack
+from .packing.config import PackConfig, dtype_named
+from .packing.folders import CONFIG_NAME, INDEX_NAME
+from .packing.formats import KEPT_DTYPES, MODE_BITS, SCALE_DTYPES
+from .packing.packset import pack_layout, slots_from_config
+from .packing.targets import TARGETS
+from .plan import decide_all, make_plan
+from .quantizers import dequantize, quantize
+from .readers.bfl import open_checkpoint
+from .recipe import parse_recipe
+from .runtime.loader import PackReader
+
+# Float32 forward of the same weights, only the summation order differs (the reference runtime multiplies
+# slices of output features; diffusers one matmul). Each output is a sum of <= 12288 products, so reordering
+# moves it by ~sqrt(n) * 2^-24 relative (~7e-6 at klein's widest layer); through the layers errors don't
+# grow by more than a small factor. 1e-4 leaves that margin yet is ~100x below what one wrong group does.
+E2E_BOUND = 1e-4
+# MLX vs torch: different kernels (attention, exp, rsqrt) as well as order; measured 1e-6 to 2e-6 on the tiny
+# model. Same margin argument.
+MLX_E2E_BOUND = 1e-4
+# QuantizedLinear against x @ W^T with W exact in float32: order only (~4e-7 measured).
+MLX_LAYER_BOUND = 1e-5
+# gemlite with fp16 activations against float32: measured 2.9e-4 on an H100 on every klein-4b layer.
+GEMLITE_LAYER_BOUND = 1e-2
+# The CUDA backend (runtime/cuda) with bf16 activations against float32. Its codes are exact, so the error is
+# the activations' rounding: bf16 (16-bit kernel, M = 16) ~3e-3; e4m3 with 1x128 power-of-two scales (fp8
+# kernels, M = 256) 2.6e-2 measured on Gaussian inputs at klein shapes. Bounds leave 2-3x margin; one wrong
+# code group moves a layer's output by far more.
+CUDA_LAYER_BOUND_16BIT = 1e-2
+CUDA_LAYER_BOUND_FP8 = 6e-2
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "pass"        # pass | fail | skip
+    detail: str = ""
+    data: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Fail(Exception):
+    pass
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare floats bit for bit (so -0.0 and NaN payloads count), as same-width integers."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
+
+
+def _fail(msg: str):
+    raise _Fail(msg)
+
+
+def _gate(err: float, bound: float, what: str) -> None:
+    """Fail unless `err` is a finite number within `bound` (NaN compares false with everything)."""
+    if not math.isfinite(err):
+        _fail(f"{what}: error is {err} (the output holds NaN or Inf)")
+    if err > bound:
+        _fail(f"{what} by {err:.2e} (bound {bound})")
+
+
+# Files a pack folder holds besides its safetensors (whose names come from the layout).
+PACK_FILES = ("config.json", CONFIG_NAME, "manifest.json")
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The first key path whose value differs between two JSON objects, for an error message."""
+    for key in list(a) + [k for k in b if k not in a]:
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                return _first_difference(a[key], b[key], f"{prefix}{key}.")
+            return f"{prefix}{key}"
+    return "(key order or formatting)"
+
+
+def _recorded_recipe(q: PackConfig, source: str):
+    """The recipe a pack was made with: its text, with the name and a --mode override the pack records."""
+    import dataclasses
+
+    recipe = parse_recipe(q.get("recipe_yaml"), source)
+    recorded = q.get("recipe") if isinstance(q.get("recipe"), dict) else {}
+    if recorded.get("mode") in MODE_BITS and recorded["mode"] != recipe.mode:
+        recipe = recipe.with_mode(recorded["mode"])
+    if isinstance(recorded.get("name"), str):
+        recipe = dataclasses.replace(recipe, name=recorded["name"])
+    return recipe
+
+
+class PackVerifier:
+    def __init__(self, folder: Path, source: Path | None, image_tokens: int, text_tokens: int, seed: int,
+                 calib: Path | None = None, reproducible: bool = False):
+        self.folder, self.source, self.calib = folder, source, calib
+        self.reproducible = reproducible
+        self.image_tokens, self.text_tokens, self.seed = image_tokens, text_tokens, seed
+        self.qconfig: PackConfig | None = None
+        self.config: dict = {}
+        self._reader: PackReader | None = None
+
+    def decode(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of one layer, read again each time so memory never holds the whole model."""
+        q = self.qconfig
+        if self._reader is None:
+            self._reader = PackReader(self.folder)
+        pack = TARGETS[q.format]
+        tensors = {s: self._reader.get(f"{module}.{s}") for s in pack.suffixes}
+        try:
+            return pack.unpack(tensors, q.quantized[module].mode, q.group_size)
+        except BonsaiError as e:
+            _fail(f"{module}: {e}")
+
+    # -- step 1 -------------------------------------------------------------------------------------------
+    def integrity(self, step: Step) -> None:
+        problems = check_manifest(self.folder)
+        if problems:
+            _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        pack = check_pack(self.folder)
+        q = self.qconfig = pack.qconfig
+        self.config = pack.config
+        q.check_layout_fields()
+        layout = pack_layout(q.format, q, slots_from_config(q, pack.specs))
+        files = {s.file for s in layout} | ({INDEX_NAME} if len(layout) > 1 else set())
+        strangers = sorted(p.name + ("/" if p.is_dir() else "") for p in self.folder.iterdir()
+                           if p.name not in files and p.name not in PACK_FILES)
+        if strangers:
+            _fail(f"{self.folder}: {', '.join(strangers)} not part of a {q.format} pack (it holds "
+                  f"{', '.join(sorted(files | set(PACK_FILES)))}); remove what does not belong")
+        for shard in layout:  # metadata, order, offsets and padding: the header must be what convert writes
+            file = self.folder / shard.file
+            with open(file, "rb") as f:
+                head = f.read(len(shard.header))
+            if head != shard.header:
+                try:
+                    got = json.loads(head[8:])
+                except ValueError:
+                    got = None
+                want = json.loads(shard.header[8:])
+                where = _first_difference(want, got) if isinstance(got, dict) else "(not a JSON object)"
+                _fail(f"{file}: safetensors header differs from the layout of this pack at {where!r}"
+                      + (f": {got.get('__metadata__')} instead of {want['__metadata__']}"
+                         if where.startswith("__metadata__") and isinstance(got, dict) else ""))
+            if file.stat().st_size != len(shard.header) + shard.data_bytes:
+                _fail(f"{file}: {file.stat().st_size} bytes, the layout needs {len(shard.header) + shard.data_bytes}")
+        if len(layout) > 1:
+            from .checkpoint import index_text
+
+            if (self.folder / INDEX_NAME).read_text(errors="replace") != index_text(layout):
+                _fail(f"{self.folder / INDEX_NAME}: differs from the index of this pack's layout")
+        step.detail = f"{len(pack.headers)} tensors in {len(layout)} file(s) match"
+
+    # -- step 2 -------------------------------------------------------------------------------------------
+    def exactness(self, step: Step) -> None:
+        q, reader = self.qconfig, PackReader(self.folder)
+        for module in q.quantized:
+            _, scales = self.decode(module)
+            if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+                _fail(f"{module}: scales must be finite and >= 0")
+        for name in q.kept:
+            tensor = reader.get(name)
+            if not bool(torch.isfinite(tensor).all()):
+                idx = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+                _fail(f"kept tensor {name!r} holds {tensor[tuple(idx)].item()} at {idx}; valid: finite values")
+        step.detail = f"{len(q.quantized)} layers decode to codes in their alphabet times 16-bit scales"
+        if self.source is None:
+            step.detail += "; no --source, so not compared with a re-quantization"
+            return
+        if not isinstance(q.get("recipe_yaml"), str):
+            _fail(f"{self.folder / CONFIG_NAME}: no recipe_yaml; comparing with --source re-runs the recipe the "
+                  "pack records there")
+        recipe = _recorded_recipe(q, f"{self.folder / CONFIG_NAME}:recipe_yaml")
+        ckpt = open_checkpoint(self.source)
+        specs = ckpt.validate()
+        if model_kwargs(ckpt.config) != model_kwargs(self.config):
+            _fail(f"--source {self.source}: config.json differs from the pack's")
+        if (self.folder / "config.json").read_bytes() != ckpt.config_bytes:
+            _fail(f"{self.folder / 'config.json'} is not a copy of the source's config.json ({ckpt.path})")
+        decisions = decide_all(specs, {n: t.dtype for n, t in ckpt.tensors.items()}, recipe)
+        scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
+        stats = self._calibration_stats(ckpt, decisions)
+        self._check_qconfig(ckpt, recipe, stats)
+        pack = TARGETS[q.format]
+        for d in decisions:
+            if d.action == "keep":
+                if d.name not in q.kept:
+                    _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
+                want = ckpt.load(d.name).to(q.kept[d.name])
+                got = reader.get(d.name)
+                if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+                    idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
+                    _fail(f"kept tensor {d.name!r} differs from the source at {idx}: {got[tuple(idx)].item()} "
+                          f"in the pack, {want[tuple(idx)].item()} in the source")
+                continue
+            if d.module not in q.quantized:
+                _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
+            requant = quantize(ckpt.load(d.name), d.mode, recipe.group_size, scale_dtype, d.solver, name=d.name,
+                               stats=stats.get(d.name) if stats is not None else None)
+            codes, scales = self.decode(d.module)
+            if not torch.equal(codes, requant.codes):
+                idx = (codes != requant.codes).nonzero()[0].tolist()
+                _fail(f"{d.module}: code at {idx} is {int(codes[tuple(idx)])}, re-quantizing the source gives "
+                      f"{int(requant.codes[tuple(idx)])}")
+            if not torch.equal(_bits(scales), _bits(requant.scales)):
+                idx = (_bits(scales) != _bits(requant.scales)).nonzero()[0].tolist()
+                _fail(f"{d.module}: scale at [out, group] {idx} is {scales[tuple(idx)].item()}, re-quantizing "
+                      f"the source gives {requant.scales[tuple(idx)].item()}")
+            # Every stored bit, not only what decodes: padding, side tensors (gemlite metadata, MLX biases).
+            for suffix, want in pack.pack(requant.codes, requant.scales, d.mode, recipe.group_size).items():
+                got = reader.get(f"{d.module}.{suffix}")
+                if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+                    _fail(f"{d.module}.{suffix}: stored bytes differ from packing the re-quantized source "
+                          "(bits outside the decoded codes and scales changed)")
+        step.detail += f"; equal to re-quantizing {self.source} under the recorded recipe"
+        if stats is not None:
+            step.detail += f" with calibration set {self.calib}"
+
+    def _check_qconfig(self, ckpt: Checkpoint, recipe, stats) -> None:
+        """quantization_config.json must be exactly what convert writes for this source and recorded recipe."""
+        from .convert import quantization_config
+
+        q = self.qconfig
+        recorded = q.get("recipe_sha256")
+        if recorded != hashlib.sha256(recipe.text.encode()).hexdigest():
+            _fail(f"{CONFIG_NAME}: recipe_yaml does not hash to the recorded recipe_sha256 {str(recorded)[:12]}...")
+        want = quantization_config(make_plan(ckpt, recipe), q.shard_bytes)
+        if stats is not None:
+            want["calibration"] = q.get("calibration")  # its fingerprint was checked against --calib
+        want.update({k: v for k, v in q.data.items() if k not in want})  # distill's training record
+        want_text = PackConfig.from_dict(want, CONFIG_NAME, require_format=False).for_target(q.format).text()
+        if (self.folder / CONFIG_NAME).read_text() != want_text:
+            where = _first_difference(json.loads(want_text), q.data)
+            _fail(f"{CONFIG_NAME}: {where!r} differs from what converting {self.source} under the recorded "
+                  "recipe writes")
+
+    def _calibration_stats(self, ckpt: Checkpoint, decisions):
+        """Statistics for re-running calibrated solvers, from the same set the pack records (or None)."""
+        from .quantizers import statistics_needed
+
+        wanted = statistics_needed(decisions)
+        if not wanted:
+            return None
+        record = self.qconfig.get("calibration")
+        record = record if isinstance(record, dict) else {}
+        if self.calib is None:
+            _fail(f"{len(wanted)} layers were quantized with calibrated solvers "
+                  f"({', '.join(sorted({d.solver for d in decisions if d.name in wanted}))}); re-quantizing them "
+                  f"needs the calibration set the pack records ({record.get('set', 'unknown')!r}, sha256 "
+                  f"{str(record.get('fingerprint'))[:12]}...): --calib SET")
+        from .calibration import load_calibration
+        from .stats import BlockStats
+
+        calib = load_calibration(self.calib)
+        if calib.fingerprint() != record.get("fingerprint"):
+            _fail(f"--calib {self.calib}: not the calibration set this pack was made with (sha256 "
+                  f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
+        dtype = dtype_named(record.get("model_dtype", "float32"), KEPT_DTYPES,
+                            f"{self.folder / CONFIG_NAME}: calibration.model_dtype")
+        return BlockStats(load_dense(ckpt, dtype=dtype), calib, wanted)
+
+    # -- step 3 -------------------------------------------------------------------------------------------
+    def real_runtime(self, step: Step) -> None:
+        fmt = self.qconfig.format
+        if fmt == "mlx":
+            self._mlx_layers(step)
+        elif fmt == "gemlite":
+            self._gemlite_layers(step)
+        else:
+            step.status = "skip"
+            step.detail = ("compact distribution format: no runtime reads it directly "
+                           "(bonsai-quant repack turns it into one)")
+
+    def _mlx_layers(self, step: Step) -> None:
+        import mlx.core as mx
+        import mlx.nn as mnn
+
+        arrays = {}
+        for file in sorted(self.folder.glob("*.safetensors")):
+            arrays.update(mx.load(str(file)))
+        g, worst = self.qconfig.group_size, 0.0
+        rng = np.random.default_rng(self.seed)
+        for module, info in self.qconfig.quantized.items():
+            w = dequantize(*self.decode(module), g).numpy()
+            bits = info.bits
+            got = mx.dequantize(arrays[f"{module}.weight"], arrays[f"{module}.scales"], arrays[f"{module}.biases"],
+                                group_size=g, bits=bits)
+            if not np.array_equal(np.array(got.astype(mx.float32)), w):
+                bad = np.argwhere(np.array(got.astype(mx.float32)) != w)[0].tolist()
+                _fail(f"{module}: mlx.core.dequantize gives {np.array(got.astype(mx.float32))[tuple(bad)]} at {bad}, "
+                      f"the pack decodes to {w[tuple(bad)]}")
+            out_f, in_f = info.shape
+            layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=bits)
+            layer.weight, layer.scales, layer.biases = (arrays[f"{module}.{s}"] for s in ("weight", "scales", "biases"))
+            x = rng.standard_normal((4, in_f), dtype=np.float32)
+            ref = x @ w.T
+            err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
+            _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
+            worst = max(worst, err)
+        step.data["max_rel_error"] = worst
+        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig.quantized)} layers; "
+                       "QuantizedLinear max "
+                       f"rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
+
+    def _gemlite_layers(self, step: Step) -> None:
+        from .runtime.gemlite_backend import gemlite_available
+
+        if not gemlite_available():
+            step.status = "skip"
+            step.detail = ("gemlite needs a CUDA GPU and the gemlite package; " +
+                           ("no CUDA GPU here" if not torch.cuda.is_available() else "gemlite is not installed"))
+            return
+        import gemlite
+        from gemlite.core import DType, GemLiteLinearTriton
+
+        gemlite.set_packing_bitwidth(8)
+        reader, g, worst = PackReader(self.folder), self.qconfig.group_size, 0.0
+        act = self.qconfig.scale_dtype
+        dt = {torch.float16: DType.FP16, torch.bfloat16: DType.BF16}[act]
+        gen = torch.Generator(device="cuda").manual_seed(self.seed)
+        for module, info in self.qconfig.quantized.items():
+            out_f, in_f = info.shape
+            layer = GemLiteLinearTriton(info.bits, g, in_f, out_f, dt, dt)
+            layer.load_state_dict({s: reader.get(f"{module}.{s}").cuda() for s in TARGETS["gemlite"].suffixes})
+            x = torch.randn(16, in_f, generator=gen, device="cuda")
+            codes, scales = self.decode(module)
+            ref = x @ dequantize(codes.cuda(), scales.cuda(), g).t()
+            err = float((layer(x.to(act)).float() - ref).norm() / ref.norm())
+            _gate(err, GEMLITE_LAYER_BOUND, f"{module}: gemlite output differs from x @ W^T")
+            worst = max(worst, err)
+        step.data["max_rel_error"] = worst
+        step.detail = (f"gemlite ran {len(self.qconfig.quantized)} layers; max rel error {worst:.1e} "
+                       f"(bound {GEMLITE_LAYER_BOUND})")
+
+    def cuda_runtime(self, step: Step) -> None:
+        """Every quantized layer through the CUDA backend's kernels, read from this pack's own buffers."""
+        from .runtime.cuda import cuda_unavailable_reason
+        from .runtime.cuda.layout import codes_of, from_buffers
+        from .runtime.cuda.linear import CudaPackedLinear
+
+        reason = cuda_unavailable_reason("cuda")
+        if reason is not None:
+            step.status, step.detail = "skip", reason
+            return
+        reader, g = PackReader(self.folder), self.qconfig.group_size
+        if g != 128:
+            step.status, step.detail = "skip", f"the cuda backend runs group size 128, this pack has {g}"
+            return
+        gen = torch.Generator(device="cuda").manual_seed(self.seed)
+        worst = {}
+        kernels = set()
+        for module, info in self.qconfig.quantized.items():
+            out_f, in_f = info.shape
+            buffers = {s: reader.get(f"{module}.{s}").cuda() for s in TARGETS[self.qconfig.format].buffers}
+            w = from_buffers(self.qconfig.format, buffers, in_f, out_f, info.bits, g)
+            codes, scales = self.decode(module)
+            if not torch.equal(codes_of(w).cpu(), codes):
+                bad = (codes_of(w).cpu() != codes).nonzero()[0].tolist()
+                _fail(f"{module}: the cuda backend reads code {int(codes_of(w)[tuple(bad)])} at {bad}, the pack "
+                      f"decodes to {int(codes[tuple(bad)])}")
+            layer = CudaPackedLinear(w)
+            dense = dequantize(codes.cuda(), scales.cuda(), g)
+            for m, bound in ((16, CUDA_LAYER_BOUND_16BIT), (256, None)):
+                x = torch.randn(m, in_f, generator=gen, device="cuda").to(torch.bfloat16)
+                kernel = layer.kernel_for(m, x.dtype)
+                kernels.add(kernel)
+                limit = bound if kernel == "bf16" else CUDA_LAYER_BOUND_FP8
+                ref = x.float() @ dense.t()
+                err = float((layer(x).float() - ref).norm() / ref.norm())
+                _gate(err, limit, f"{module}: cuda backend ({kernel} kernel, M = {m}) differs from x @ W^T")
+                worst[kernel] = max(worst.get(kernel, 0.0), err)
+        step.data.update({f"max_rel_error_{k}": v for k, v in worst.items()})
+        step.detail = (f"cuda backend ran {len(self.qconfig.quantized)} layers at M = 16 and 256 (kernels "
+                       f"{', '.join(sorted(kernels))}); codes read bit-exact; max rel error " +
+                       ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())) +
+                       f" (bounds: 16-bit {CUDA_LAYER_BOUND_16BIT}, fp8 {CUDA_LAYER_BOUND_FP8})")
+
+    # -- steps 4 and 5 ------------------------------------------------------------------------------------
+    def inputs(self) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        side = max(1, int(self.image_tokens**0.5))
+        h, w = torch.meshgrid(torch.arange(side), torch.arange(self.image_tokens // side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(h), h, w, torch.zeros_like(h)], -1).reshape(-1, 4).float()
+        txt_ids = torch.zeros(self.text_tokens, 4)
+        txt_ids[:, 3] = torch.arange(self.text_tokens)
+        n = img_ids.shape[0]
+        return {"hidden_states": torch.randn(1, n, self.config["in_channels"], generator=gen),
+                "encoder_hidden_states": torch.randn(1, self.text_tokens, self.config["joint_attention_dim"],
+                                                     generator=gen),
+                "timestep": torch.tensor([0.625]), "img_ids": img_ids, "txt_ids": txt_ids}
+
+    @torch.no_grad()
+    def reference_output(self, inputs: dict) -> torch.Tensor:
+        """diffusers' own forward, float32, with every quantized weight set to its decoded value."""
+        reader, g = PackReader(self.folder), self.qconfig.group_size
+        kept = {name: reader.get(name).float() for name in self.qconfig.kept}
+        fetch = {module: (lambda m=module: dequantize(*self.decode(m), g)) for module in self.qconfig.quantized}
+        return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
+
+    @torch.no_grad()
+    def source_output(self, inputs: dict) -> torch.Tensor:
+        """The unquantized source's float32 forward, its block linears read from disk as they are used."""
+        ckpt = open_checkpoint(self.source)
+        modules = set(self.qconfig.quantized)
+        kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
+        fetch = {m: (lambda m=m: ckpt.load(f"{m}.weight").float()) for m in modules}
+        return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
+
+    @torch.no_grad()
+    def end_to_end(self, step: Step, inputs: dict, reference: torch.Tensor) -> None:
+        from .runtime import load_transformer
+
+        out = load_transformer(self.folder, dtype=torch.float32)(**inputs, return_dict=False)[0]
+        err = float((out - reference).norm() / reference.norm())
+        step.data["rel_error"] = err
+        step.data["bound"] = E2E_BOUND
+        if self.source is not None:
+            full = self.source_output(inputs)
+            step.data["rel_error_vs_unquantized_source"] = float((out - full).norm() / full.norm())
+        _gate(err, E2E_BOUND, "reference runtime forward differs from diffusers with the decoded weights")
+        step.detail = (f"reference runtime vs diffusers (fp32, {inputs['hidden_states'].shape[1]} image + "
+                       f"{self.text_tokens} text tokens): rel error {err:.1e} (bound {E2E_BOUND})")
+        if "rel_error_vs_unquantized_source" in step.data:
+            step.detail += f"; vs the unquantized source {step.data['rel_error_vs_unquantized_source']:.3f} (reported)"
+
+    def mlx_end_to_end(self, step: Step, inputs: dict, reference: torch.Tensor) -> None:
+        from .runtime.mlx_flux2 import pack_relative_error
+
+        err = pack_relative_error(self.folder, {k: v.numpy() for k, v in inputs.items()}, reference)
+        step.data.update(rel_error=err, bound=MLX_E2E_BOUND)
+        _gate(err, MLX_E2E_BOUND, "MLX transformer forward differs from the torch reference")
+        step.detail = f"MLX forward from the pack vs torch fp32 reference: rel error {err:.1e} (bound {MLX_E2E_BOUND})"
+
+    def run(self) -> list[Step]:
+        steps: list[Step] = []
+        cache: dict = {}
+
+        def e2e(step):
+            cache.setdefault("inputs", self.inputs())
+            cache.setdefault("reference", self.reference_output(cache["inputs"]))
+            self.end_to_end(step, cache["inputs"], cache["reference"])
+
+        def mlx_e2e(step):
+            if self.qconfig.format != "mlx":
+                step.status, step.detail = "skip", "not an MLX pack"
+                return
+            cache.setdefault("inputs", self.inputs())
+            cache.setdefault("reference", self.reference_output(cache["inputs"]))
+            self.mlx_end_to_end(step, cache["inputs"], cache["reference"])
+
+        for name, fn in (("integrity", self.integrity), ("exactness", self.exactness),
+                         ("runtime", self.real_runtime), ("cuda-runtime", self.cuda_runtime), ("end-to-end", e2e),
+                         ("mlx-end-to-end", mlx_e2e)):
+            step = Step(name)
+            start = time.perf_counter()
+            try:
+                # One thread makes the forwards' summation order, and so the reported errors, the same in
+                # every run: a release folder must not depend on the thread count.
+                with fixed_threads(1) if self.reproducible else contextlib.nullcontext():
+                    fn(step)
+            except (_Fail, BonsaiError) as e:
+                step.status, step.detail = "fail", str(e)
+            step.data = {k: figure(v, 3) if isinstance(v, float) else v for k, v in step.data.items()}
+            step.seconds = round(time.perf_counter() - start, 2)
+            steps.append(step)
+            if step.status == "fail" and name in ("integrity", "exactness"):
+                break  # later steps would only report the same damage less precisely
+        return steps
+
