@@ -47,14 +47,15 @@ class LoadedModel:
 
 # ---------------------------------------------------------------- loading
 
-def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
-    """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor."""
+def load_full_precision(path: Path, encoder: TextEncoder, check=None) -> torch.nn.Module:
+    """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor.
+    `check(config, encoder, source)` refuses configs the benchmark cannot run (default: the digits model's)."""
     from .checkpoint import Checkpoint
     from .digits import check_compatible
     from .flux2 import build_model
 
     ckpt = Checkpoint(path)
-    check_compatible(ckpt.config, encoder, str(ckpt.path / "config.json"))
+    (check or check_compatible)(ckpt.config, encoder, str(ckpt.path / "config.json"))
     ckpt.validate()
     model = build_model(ckpt.config)  # float32 parameters, as nn.Linear creates them
     model.load_state_dict({name: ckpt.load(name).float() for name in ckpt.tensors}, strict=True)
@@ -68,7 +69,8 @@ def is_pack(path: Path) -> bool:
     return (path / CONFIG_NAME).exists() or any(path.glob(f"*/{CONFIG_NAME}"))
 
 
-def load_pack(path: Path, encoder: TextEncoder, target: str | None = None) -> tuple[torch.nn.Module, Path]:
+def load_pack(path: Path, encoder: TextEncoder, target: str | None = None,
+              check=None) -> tuple[torch.nn.Module, Path]:
     """A pack, or the `target` pack of a convert output (default: the runtime's preference), as a float32 model."""
     import torch
 
@@ -76,15 +78,18 @@ def load_pack(path: Path, encoder: TextEncoder, target: str | None = None) -> tu
     from .runtime import load_transformer, resolve_pack
 
     folder = resolve_pack(path, target)
-    check_compatible(read_json(folder / "config.json"), encoder, str(folder / "config.json"))
+    (check or check_compatible)(read_json(folder / "config.json"), encoder, str(folder / "config.json"))
     return load_transformer(folder, dtype=torch.float32).eval(), folder
 
 
 def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | None = None,
-                  recipe_path: Path | None = None, target: str | None = None) -> LoadedModel:
+                  recipe_path: Path | None = None, target: str | None = None, check=None,
+                  default: Path | None = None) -> LoadedModel:
+    """`check`: the benchmark's config check (default: the digits model's); `default`: the model without `path`
+    (default: the shipped flux2-tiny-digits)."""
     from .digits import model_dir, read_json
 
-    path = Path(path) if path is not None else model_dir()
+    path = Path(path) if path is not None else (default or model_dir())
     if not path.exists():
         raise BonsaiError(f"{path}: no such model or pack folder")
     if not path.is_dir():
@@ -93,13 +98,13 @@ def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | Non
         if fake_quant or recipe_path:
             raise BonsaiError(f"{path}: is already a quantized pack; --fake-quant and --recipe apply to "
                               "full-precision models")
-        model, folder = load_pack(path, encoder, target)
+        model, folder = load_pack(path, encoder, target, check)
         qc = read_json(folder / "quantization_config.json")
         return LoadedModel(model, str(folder), "pack", qc.get("mode"), qc.get("format"),
                            (qc.get("recipe") or {}).get("name"))
     if target is not None:
         raise BonsaiError(f"{path}: --target picks a pack of a convert output, but this is no pack")
-    model = load_full_precision(path, encoder)
+    model = load_full_precision(path, encoder, check)
     if not (fake_quant or recipe_path):
         return LoadedModel(model, str(path), "full-precision")
     from .fakequant import fake_quantize_model
@@ -221,15 +226,21 @@ def format_report(r: dict) -> str:
 
 
 def cmd_eval(args) -> int:
+    from .compose.benchmark import wants_compose
     from .digits import TextEncoder
 
+    if args.benchmark == "compose" or (args.benchmark is None and wants_compose(args.model)):
+        from .compose.benchmark import cmd_eval as compose_eval
+
+        return compose_eval(args)
     start = time.perf_counter()
     encoder = TextEncoder.load()
     loaded = load_for_eval(args.model, encoder, args.fake_quant, args.recipe, args.target)
-    report, images = evaluate(loaded, args.samples, args.steps, args.seed, args.shift, encoder=encoder)
+    report, images = evaluate(loaded, args.samples or DEFAULT_SAMPLES, args.steps, args.seed, args.shift,
+                              encoder=encoder)
     if args.grid:
         report["grid"] = str(args.grid)
-        save_grid(images, args.grid, columns=args.grid_columns)
+        save_grid(images, args.grid, columns=args.grid_columns or 10)
     report["seconds"] = round(time.perf_counter() - start, 3)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     if args.grid and not args.json:
@@ -246,14 +257,21 @@ def _positive(value: str) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "eval", help="generate digits with a FLUX.2 digits model or pack and score them with the shipped judge",
+        "eval", help="generate images with a FLUX.2 digits or compose model or pack and score them with the "
+                     "shipped judge",
         description="Generate N samples per digit (prompt 'a handwritten digit d') with a FlowMatch-Euler sampler and "
                     "report the judge's accuracy (prompt following) and the Fréchet distance of its features to "
-                    "the real digits (fidelity).")
+                    "the real digits (fidelity). With --benchmark compose: N samples per prompt of GenEval's six "
+                    "categories on compose scenes, scored per category and overall.")
     p.add_argument("model", type=Path, nargs="?",
                    help="diffusers checkpoint folder, a pack folder, or a convert output (default: the shipped "
                         "flux2-tiny-digits)")
-    p.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, help=f"per digit (default {DEFAULT_SAMPLES})")
+    p.add_argument("--benchmark", choices=("digits", "compose"),
+                   help="digits: 'a handwritten digit d' (default for digits models); compose: GenEval's six "
+                        "categories on compose scenes (default for models whose config.json says compose; without "
+                        "a model, the shipped flux2-tiny-compose)")
+    p.add_argument("--samples", type=_positive,
+                   help=f"per digit (default {DEFAULT_SAMPLES}) or, with compose, per prompt (default 4)")
     p.add_argument("--steps", type=_positive, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS})")
     p.add_argument("--shift", type=float, default=SHIFT, help=f"sigma shift (default {SHIFT:g}, as klein)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -264,6 +282,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="which pack of a convert output (default: the runtime's preference, mlx first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--grid", type=Path, help="write a PNG of samples: one row per digit")
-    p.add_argument("--grid-columns", type=_positive, default=10, help="samples per row in the grid (default 10)")
+    p.add_argument("--grid-columns", type=_positive,
+                   help="samples per row in the grid (default 10; compose: the samples per prompt)")
     p.set_defaults(func=cmd_eval)
     return p
