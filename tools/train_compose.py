@@ -35,25 +35,56 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bonsai_quant.compose import benchmark as bench  # noqa: E402
-from bonsai_quant.compose.grammar import CATEGORIES, all_benchmark_prompts, training_example  # noqa: E402
-from bonsai_quant.compose.judge import (EMPTY, FEATURES, INFO, WEIGHTS, CellJudge, Judge,  # noqa: E402
-                                        accuracy_on_real, real_scenes, to_cells)
-from bonsai_quant.compose.model import (BENCHMARK, BENCHMARK_KEY, CHANNELS, JUDGE_NAME, MAX_TOKENS,  # noqa: E402
-                                        MODEL_NAME, TEXT_EMBEDDINGS, VOCAB, TextEncoder, image_to_latent, img_ids,
-                                        make_embedding_table, txt_ids)
-from bonsai_quant.compose.world import (CELLS, COLOURS, OFFSETS, glyph_index, render_batch)  # noqa: E402
-from bonsai_quant.digits import assets_dir, shift_sigmas  # noqa: E402
-from bonsai_quant.digits_judge import feature_stats, frechet_distance  # noqa: E402
-from bonsai_quant.flux2 import CLASS_NAME  # noqa: E402
+from bonsai_quant.compose import benchmark as bench
+from bonsai_quant.compose.grammar import (
+    CATEGORIES,
+    all_benchmark_prompts,
+    training_example,
+)
+from bonsai_quant.compose.judge import (
+    EMPTY,
+    FEATURES,
+    INFO,
+    WEIGHTS,
+    CellJudge,
+    Judge,
+    accuracy_on_real,
+    real_scenes,
+    to_cells,
+)
+from bonsai_quant.compose.model import (
+    BENCHMARK,
+    BENCHMARK_KEY,
+    CHANNELS,
+    JUDGE_NAME,
+    MAX_TOKENS,
+    MODEL_NAME,
+    TEXT_EMBEDDINGS,
+    VOCAB,
+    TextEncoder,
+    image_to_latent,
+    img_ids,
+    make_embedding_table,
+    txt_ids,
+)
+from bonsai_quant.compose.world import (
+    CELLS,
+    COLOURS,
+    OFFSETS,
+    glyph_index,
+    render_batch,
+)
+from bonsai_quant.digits import assets_dir, shift_sigmas
+from bonsai_quant.digits_judge import feature_stats, frechet_distance
+from bonsai_quant.flux2 import CLASS_NAME
 
 TEXT_DIM = 128
 SHIFT = 3.0
-CONFIG = dict(
-    patch_size=1, in_channels=CHANNELS, out_channels=None, num_layers=4, num_single_layers=4, attention_head_dim=64,
-    num_attention_heads=4, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=256, mlp_ratio=3.0,
-    axes_dims_rope=[16, 16, 16, 16], rope_theta=2000, eps=1e-6, guidance_embeds=False,
-)
+CONFIG = {
+    "patch_size": 1, "in_channels": CHANNELS, "out_channels": None, "num_layers": 4, "num_single_layers": 4, "attention_head_dim": 64,
+    "num_attention_heads": 4, "joint_attention_dim": TEXT_DIM, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": [16, 16, 16, 16], "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False,
+}
 SMOKE_CONFIG = {**CONFIG, "num_layers": 1, "num_single_layers": 1}
 
 
@@ -356,20 +387,20 @@ def model_card(out: Path, args, train: dict, results: dict, judge_info: dict, co
         "## Judge (`assets/compose-judge`)",
         "",
         "A cell classifier (digit or empty, colour) trained on real scenes of the train glyphs. Accuracy per",
-        f"category on real scenes of the benchmark's prompts drawn from the held-out glyphs "
-        f"({judge_info['held_out_scenes_per_category']} scenes per category):",
+        (f"category on real scenes of the benchmark's prompts drawn from the held-out glyphs "
+        f"({judge_info['held_out_scenes_per_category']} scenes per category):"),
         "",
         f"| {cats} |",
         "|" + " ---: |" * len(CATEGORIES),
         "| " + " | ".join(f"{judge_info['held_out_accuracy'][c]:.4f}" for c in CATEGORIES) + " |",
         "",
-        f"Real held-out scenes ({bench.DEFAULT_SAMPLES} per prompt) score FD "
-        f"{judge_info['frechet_distance_real_held_out']:.3f} against the real statistics: the floor of eval's FD.",
+        (f"Real held-out scenes ({bench.DEFAULT_SAMPLES} per prompt) score FD "
+        f"{judge_info['frechet_distance_real_held_out']:.3f} against the real statistics: the floor of eval's FD."),
         "",
         "## Quality of the shipped bf16 weights",
         "",
-        f"`bonsai-quant eval --benchmark compose --steps S`: 48 prompts per category x {args.measure_samples} samples,"
-        " seed 0.",
+        (f"`bonsai-quant eval --benchmark compose --steps S`: 48 prompts per category x {args.measure_samples} samples,"
+        " seed 0."),
         "",
         f"| Euler steps | overall | {cats} | Fréchet distance |",
         "| ---: | ---: |" + " ---: |" * len(CATEGORIES) + " ---: |",

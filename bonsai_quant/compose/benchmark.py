@@ -22,8 +22,17 @@ import torch
 from ..errors import BonsaiError
 from .grammar import CATEGORIES, PROMPTS_PER_CATEGORY, Prompt, all_benchmark_prompts
 from .judge import Judge, answer
-from .model import (BENCHMARK, CHANNELS, GRID, MODEL_NAME, TextEncoder, check_compatible, generate,
-                    is_compose_config, model_dir)
+from .model import (
+    BENCHMARK,
+    CHANNELS,
+    GRID,
+    MODEL_NAME,
+    TextEncoder,
+    check_compatible,
+    generate,
+    is_compose_config,
+    model_dir,
+)
 from .world import CANVAS
 
 DEFAULT_SAMPLES = 4  # per prompt, as GenEval
@@ -157,8 +166,8 @@ def save_grid(images: dict[str, torch.Tensor], path: Path, columns: int = DEFAUL
 def format_report(r: dict) -> str:
     what = r["kind"] + (f" {r['mode']}" if r["mode"] else "") + (f" ({r['target']})" if r["target"] else "")
     lines = [f"model: {r['model']} [{what}]",
-             f"benchmark: compose; sampler FlowMatch-Euler, {r['steps']} steps, shift {r['shift']:g}; "
-             f"{r['prompts_per_category']} prompts per category x {r['samples_per_prompt']} samples, seed {r['seed']}",
+             (f"benchmark: compose; sampler FlowMatch-Euler, {r['steps']} steps, shift {r['shift']:g}; "
+             f"{r['prompts_per_category']} prompts per category x {r['samples_per_prompt']} samples, seed {r['seed']}"),
              f"overall (mean of six): {r['overall']:.4f}"]
     for c in CATEGORIES:
         extra = ""

@@ -12,7 +12,14 @@ import random
 from pathlib import Path
 
 from .grammar import CATEGORIES, _draw
-from .model import CHANNELS, GRID, MAX_TOKENS, TEXT_EMBEDDINGS, TextEncoder, is_compose_config
+from .model import (
+    CHANNELS,
+    GRID,
+    MAX_TOKENS,
+    TEXT_EMBEDDINGS,
+    TextEncoder,
+    is_compose_config,
+)
 
 PROMPTS_PER_CATEGORY = 16
 SAMPLES_PER_PROMPT = 2

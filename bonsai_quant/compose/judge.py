@@ -68,7 +68,7 @@ class Judge:
         self.real_mean, self.real_cov, self.info = real_mean, real_cov, info
 
     @classmethod
-    def load(cls, folder: Path | None = None) -> "Judge":
+    def load(cls, folder: Path | None = None) -> Judge:
         from safetensors.torch import load_file
 
         from ..digits import read_json

@@ -82,7 +82,7 @@ class TextEncoder:
         self.table = table.float()
 
     @classmethod
-    def load(cls, folder: Path | None = None) -> "TextEncoder":
+    def load(cls, folder: Path | None = None) -> TextEncoder:
         from safetensors.torch import load_file
 
         path = Path(folder or model_dir()) / TEXT_EMBEDDINGS
