@@ -167,7 +167,7 @@ def test_text_encoder(encoder):
     with pytest.raises(BonsaiError, match="unknown word 'cat'"):
         encoder.encode(["a red cat"])
     with pytest.raises(BonsaiError, match="at most 8"):
-        encoder.encode(["a 1 and a 2 and a 3"])
+        encoder.encode(["a red 1 and a green 2 and a 3"])
 
 
 def test_latent_packing():

@@ -139,16 +139,15 @@ def rows() -> list[Row]:
 
 def compose_rows() -> list[Row]:
     """The compose benchmark's rows: the release's Table II (full precision, binary and ternary as converted,
-    calibrated and distilled), plus each pack target of the default recipes."""
+    calibrated and distilled from the mode's data-free solver), plus each pack target of the default recipes."""
     out = [Row("full precision", lambda c: c.load(c.model))]
     for mode in ("binary", "ternary"):
         out.append(Row(f"{mode} default (fake-quant)", lambda c, m=mode: c.load(c.model, fake_quant=m)))
         for target in TARGETS:
             out.append(Row(f"{mode} {target} pack", lambda c, m=mode, t=target: c.load(c.pack(m), target=t)))
         out.append(Row(f"{mode} gptq", lambda c, m=mode: c.load(c.model, recipe_path=c.recipe(m, "gptq"))))
-        for solver in (DEFAULT_SOLVERS[mode], "gptq"):
-            out.append(Row(f"{mode} distilled from {solver} (mlx pack)", lambda c, m=mode, s=solver: c.load(
-                c.distilled_pack(m, s), target="mlx")))
+        out.append(Row(f"{mode} distilled (mlx pack)", lambda c, m=mode: c.load(
+            c.distilled_pack(m, DEFAULT_SOLVERS[m]), target="mlx")))
     return out
 
 

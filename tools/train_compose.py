@@ -315,7 +315,7 @@ def measure(out: Path, encoder, judge, args) -> dict:
     loaded = LoadedModel(model, str(out), "full-precision")
     samples = args.measure_samples
     results = {"steps": {}, "seeds": {}}
-    for steps in (4, 8, 20):
+    for steps in (4,) if args.smoke else (4, 8, 20):
         report, images = bench.evaluate(loaded, samples, steps, encoder=encoder, judge=judge, device=args.device)
         results["steps"][steps] = {k: report[k] for k in ("overall", "categories", "seen", "held_out",
                                                           "frechet_distance")}

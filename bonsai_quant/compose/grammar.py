@@ -169,10 +169,14 @@ def benchmark_prompts(category: str, count: int = PROMPTS_PER_CATEGORY) -> list[
     rng = random.Random(f"{BENCHMARK_SEED}:{category}")
     if category == "single_object":
         return [make_prompt(category, [(k % 10, None)]) for k in range(count)]
-    if category == "counting":
-        combos = [(d, n) for n in COUNT_WORDS for d in DIGITS]
-        rng.shuffle(combos)
-        return [make_prompt(category, [(d, None)], count=n) for d, n in (combos * 2)[:count]]
+    if category == "counting":  # every count equally often, every digit at least once per count
+        per_count = {n: [] for n in COUNT_WORDS}
+        for n in COUNT_WORDS:
+            while len(per_count[n]) < -(-count // len(COUNT_WORDS)):
+                per_count[n] += rng.sample(DIGITS, len(DIGITS))
+        combos = [(per_count[n][k // len(COUNT_WORDS)], n)
+                  for k, n in zip(range(count), [*COUNT_WORDS] * count)]
+        return [make_prompt(category, [(d, None)], count=n) for d, n in combos]
     held = round(count * HELD_OUT_SHARE) if has_held_out(category) else 0
     out, seen = [], set()
     for k in range(count):
