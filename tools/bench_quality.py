@@ -190,8 +190,9 @@ def compose_main(args) -> int:
                 continue
             load_s = time.perf_counter() - start
             for steps in args.steps:
+                # packs run where they were loaded (the reference runtime decodes on the CPU it loaded on)
                 report, images = cb.evaluate(loaded, samples, steps, args.seed, encoder=encoder, judge=judge,
-                                             device=args.device)
+                                             device=None if loaded.kind == "pack" else args.device)
                 if args.grids:
                     cb.save_grid(images, args.grids / f"{row.name.replace(' ', '-')}-{steps}-steps.png")
                 results.append({"row": row.name, "steps": steps, "overall": report["overall"],

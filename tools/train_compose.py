@@ -190,31 +190,46 @@ def train_judge(out: Path, args) -> tuple[Judge, dict]:
 # ---------------------------------------------------------------- generator
 
 def sample_t(n: int, g: torch.Generator) -> torch.Tensor:
-    t = shift_sigmas(torch.sigmoid(torch.randn(n, generator=g)), SHIFT)
-    uniform = torch.rand(n, generator=g)
-    return torch.where(torch.rand(n, generator=g) < 0.1, uniform, t)
+    t = shift_sigmas(torch.sigmoid(torch.randn(n, generator=g, device=g.device)), SHIFT)
+    uniform = torch.rand(n, generator=g, device=g.device)
+    return torch.where(torch.rand(n, generator=g, device=g.device) < 0.1, uniform, t)
 
 
-def training_batch(rng: random.Random, n: int, encoder: TextEncoder, device):
-    """(latents [n, 64, 48], text [n, 8, D]) of fresh seen-combination examples."""
-    from bonsai_quant.compose.world import place
+class ScenePool:
+    """`size` seen-combination (prompt, objects) pairs drawn once; each draw from the pool picks a fresh glyph of
+    each object's digit (train split) and fresh offsets, on the training device. Python draws prompts; the GPU
+    renders, so that a step does not wait on the interpreter."""
 
-    examples = [training_example(rng) for _ in range(n)]
-    rows = {k: [] for k in ("digit", "colour", "cell", "glyph", "dy", "dx", "present")}
-    for _, objects in examples:
-        placements = place(objects, rng, "train")
-        pad = CELLS - len(objects)
-        rows["digit"].append([o.digit for o in objects] + [0] * pad)
-        rows["colour"].append([COLOURS.index(o.colour) for o in objects] + [0] * pad)
-        rows["cell"].append([o.cell for o in objects] + [0] * pad)
-        rows["glyph"].append([p.glyph for p in placements] + [0] * pad)
-        rows["dy"].append([p.dy for p in placements] + [0] * pad)
-        rows["dx"].append([p.dx for p in placements] + [0] * pad)
-        rows["present"].append([1.0] * len(objects) + [0.0] * pad)
-    t = {k: torch.tensor(v, device=device) for k, v in rows.items()}
-    images = render_batch(t["digit"], t["colour"], t["cell"], t["glyph"], t["dy"], t["dx"], t["present"], device)
-    text = encoder.encode([p.text for p, _ in examples]).to(device)
-    return image_to_latent(images), text
+    def __init__(self, size: int, encoder: TextEncoder, seed: int, device):
+        rng = random.Random(f"train:{seed}")
+        examples = [training_example(rng) for _ in range(size)]
+        self.ids = torch.tensor([encoder.token_ids(p.text) for p, _ in examples], device=device)
+        self.table = encoder.table.to(device)
+
+        def slots(f, fill):
+            return torch.tensor([[f(o) for o in objs] + [fill] * (CELLS - len(objs)) for _, objs in examples],
+                                device=device)
+
+        self.digit, self.cell = slots(lambda o: o.digit, 0), slots(lambda o: o.cell, 0)
+        self.colour = slots(lambda o: COLOURS.index(o.colour), 0)
+        self.present = slots(lambda o: 1.0, 0.0)
+        index = glyph_index("train")
+        width = max(len(x) for x in index)
+        self.glyphs = torch.tensor([list(x) + [x[0]] * (width - len(x)) for x in index], device=device)
+        self.counts = torch.tensor([len(x) for x in index], device=device)
+        self.offsets = torch.tensor(OFFSETS, device=device)
+        self.device = device
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.device
+        idx = torch.randint(len(self.ids), (n,), generator=g, device=d)
+        digit = self.digit[idx]
+        pick = (torch.rand(n, CELLS, generator=g, device=d) * self.counts[digit]).long()
+        glyph = self.glyphs[digit, pick]
+        dy = self.offsets[torch.randint(len(OFFSETS), (n, CELLS), generator=g, device=d)]
+        dx = self.offsets[torch.randint(len(OFFSETS), (n, CELLS), generator=g, device=d)]
+        images = render_batch(digit, self.colour[idx], self.cell[idx], glyph, dy, dx, self.present[idx], d)
+        return image_to_latent(images), self.table[self.ids[idx]]
 
 
 class Loaded:  # what bench.evaluate needs of an evaluate.LoadedModel
@@ -240,17 +255,19 @@ def train_generator(encoder, judge, args) -> tuple[torch.nn.Module, dict]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    rng = random.Random(f"train:{args.seed}")
-    g = torch.Generator().manual_seed(args.seed + 1)
+    began = time.perf_counter()
+    pool = ScenePool(args.pool, encoder, args.seed, args.device)
+    g = torch.Generator(device=args.device).manual_seed(args.seed + 1)
+    log(f"scene pool: {args.pool} prompts and layouts, {time.perf_counter() - began:.1f} s")
     ids_img, ids_txt = img_ids().to(args.device), txt_ids(MAX_TOKENS).to(args.device)
     curve, window, start = [], [], time.perf_counter()
     log(f"generator: {params:,} parameters; up to {args.steps} steps of batch {args.batch} on {args.device}")
     step = 0
     while step < total:
         step += 1
-        x0, text = training_batch(rng, args.batch, encoder, args.device)
-        noise = torch.randn(x0.shape, generator=g).to(args.device)
-        t = sample_t(args.batch, g).to(args.device)
+        x0, text = pool.batch(args.batch, g)
+        noise = torch.randn(x0.shape, generator=g, device=args.device)
+        t = sample_t(args.batch, g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             v = model(hidden_states=xt, encoder_hidden_states=text, timestep=t, img_ids=ids_img, txt_ids=ids_txt,
@@ -430,9 +447,10 @@ def main() -> int:
     ap.add_argument("--only", choices=("judge", "generator"))
     ap.add_argument("--steps", type=int, default=20000, help="most generator steps (default 20000)")
     ap.add_argument("--time-budget", type=float, help="seconds of generator training: fixes the step count")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--pool", type=int, default=200_000, help="prompts and layouts drawn up front (default 200000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge-steps", type=int, default=3000)
     ap.add_argument("--judge-batch", type=int, default=256, help="scenes (4 cells each) per judge step")
@@ -450,6 +468,7 @@ def main() -> int:
     command = "python tools/train_compose.py " + " ".join(sys.argv[1:])
     if args.smoke:
         args.steps, args.batch, args.judge_steps, args.judge_batch = min(args.steps, 30), 16, 30, 32
+        args.pool = 200
         args.judge_eval_per_prompt, args.real_per_prompt, args.spread_seeds = 1, 2, 2
         args.measure_samples, args.log_every, args.eval_every = 1, 10, 30
     if args.threads:
