@@ -304,7 +304,8 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     """Sample calibration trajectories with the full-precision `model_path` and write them as a set to `out`.
 
     The digits model (no `model_path`, or a checkpoint with the digits input widths) uses its own text embedding
-    and, without a prompt file, its ten prompts; any other model needs `--prompts` and a text encoder."""
+    and, without a prompt file, its ten prompts; the compose model (config `_bonsai_benchmark: compose`) its own
+    text embedding and training prompts (compose/calib.py); any other model needs `--prompts` and a text encoder."""
     from .dense import load_dense
     from .digits import GRID, MAX_TOKENS, model_dir, prompt
     from .output import atomic_output, check_output
@@ -318,7 +319,20 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
     checkpoint = open_checkpoint(model_path)
     config = checkpoint.config
     digits = digits_text_encoder(model_path, config) if text_encoder is None else None
-    if digits is not None:
+    compose = None
+    if digits is None and text_encoder is None:
+        from .compose import calib as compose_calib
+
+        compose = compose_calib.text_encoder_for(model_path, config)
+    prompts_label = str(prompts_path) if prompts_path else "the ten digit prompts 'a handwritten digit d'"
+    if compose is not None:
+        prompts = read_prompts(prompts_path) if prompts_path else compose_calib.prompts()
+        prompts_label = str(prompts_path) if prompts_path else "compose training prompts (compose/calib.py)"
+        encode, source, grid = compose.encode, "compose text embedding (fixed table)", compose_calib.GRID_SHAPE
+        samples_per_prompt = samples_per_prompt or compose_calib.SAMPLES_PER_PROMPT
+        dtype, store_dtype = dtype or torch.float32, store_dtype or "float32"
+        txt_len, batch_size = compose_calib.TEXT_TOKENS, batch_size or 64
+    elif digits is not None:
         prompts = read_prompts(prompts_path) if prompts_path else [prompt(d) for d in range(10)]
         encode, source = digits.encode, "digits text embedding (fixed table)"
         grid = (GRID, GRID)
@@ -376,7 +390,7 @@ def calibrate(model_path: Path | None, out: Path, prompts_path: Path | None = No
 
     meta = {"format_version": FORMAT_VERSION, "model": model_path.name, "model_config": _config_summary(config),
             "in_channels": channels, "joint_attention_dim": config["joint_attention_dim"],
-            "prompts": str(prompts_path) if prompts_path else "the ten digit prompts 'a handwritten digit d'",
+            "prompts": prompts_label,
             "prompt_count": len(prompts), "samples_per_prompt": samples_per_prompt, "text_encoder": source,
             "text_tokens": txt_len, "image_tokens": len(img), "grid": list(grid), "steps": steps, "shift": shift,
             "seed": seed, "sampler": "FlowMatch-Euler (sigmas linspace(1, 1/S, S) shifted), full-precision model",

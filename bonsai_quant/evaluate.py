@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli_args import positive_int as _positive
 from .errors import BonsaiError
+from .eval_models import LoadedModel, load_for_eval
 from .packing.targets import NAMES as TARGETS
 
 if TYPE_CHECKING:  # torch and the digits modules load on use, so that `bonsai-quant --help` stays fast
@@ -33,88 +33,6 @@ CHUNK = 250  # samples per forward: bounds memory; fixed so that results do not 
 GRID_SCALE, GRID_GAP = 4, 2
 SHIFT = 3.0  # == digits.SHIFT, klein's sampler shift (checked by the tests)
 IMAGE_SIZE = 8  # == digits.IMAGE_SIZE
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    source: str
-    kind: str  # "full-precision" | "fake-quant" | "pack"
-    mode: str | None = None
-    target: str | None = None
-    recipe: str | None = None
-    quant_errors: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- loading
-
-def load_full_precision(path: Path, encoder: TextEncoder) -> torch.nn.Module:
-    """A diffusers FLUX.2 checkpoint folder as a float32 Flux2Transformer2DModel, validated tensor by tensor."""
-    import torch
-
-    from .dense import load_dense
-    from .digits import check_compatible
-    from .readers.bfl import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    check_compatible(ckpt.config, encoder, ckpt.config_source)
-    return load_dense(ckpt, dtype=torch.float32)
-
-
-def is_pack(path: Path) -> bool:
-    """A pack folder (quantization_config.json) or a convert output holding pack folders."""
-    from .packing.folders import CONFIG_NAME
-
-    return (path / CONFIG_NAME).exists() or any(path.glob(f"*/{CONFIG_NAME}"))
-
-
-def load_pack(path: Path, encoder: TextEncoder, target: str | None = None) -> tuple[torch.nn.Module, Path]:
-    """A pack, or the `target` pack of a convert output (default: the runtime's preference), as a float32 model."""
-    import torch
-
-    from .digits import check_compatible, read_json
-    from .runtime import load_transformer, resolve_pack
-
-    folder = resolve_pack(path, target)
-    check_compatible(read_json(folder / "config.json"), encoder, str(folder / "config.json"))
-    return load_transformer(folder, dtype=torch.float32).eval(), folder
-
-
-def load_for_eval(path: Path | None, encoder: TextEncoder, fake_quant: str | None = None,
-                  recipe_path: Path | None = None, target: str | None = None) -> LoadedModel:
-    from .digits import model_dir
-
-    path = Path(path) if path is not None else model_dir()
-    if not path.exists():
-        raise BonsaiError(f"{path}: no such model or pack folder")
-    if not path.is_dir():
-        raise BonsaiError(f"{path}: expected a folder (a diffusers checkpoint or a bonsai-quant pack), got a file")
-    if is_pack(path):
-        if fake_quant or recipe_path:
-            raise BonsaiError(f"{path}: is already a quantized pack; --fake-quant and --recipe apply to "
-                              "full-precision models")
-        model, folder = load_pack(path, encoder, target)
-        from .packing.config import PackConfig
-        from .readers.published import find_published, open_published
-
-        if find_published(folder):
-            pub = open_published(folder)
-            return LoadedModel(model, str(folder), "pack", pub.mode, pub.format, None)
-        qc = PackConfig.load(folder)
-        return LoadedModel(model, str(folder), "pack", qc.mode, qc.format, qc.recipe_name)
-    if target is not None:
-        raise BonsaiError(f"{path}: --target picks a pack of a convert output, but this is no pack")
-    model = load_full_precision(path, encoder)
-    if not (fake_quant or recipe_path):
-        return LoadedModel(model, str(path), "full-precision")
-    from .fakequant import fake_quantize_model
-    from .recipe import default_recipe, load_recipe
-
-    recipe = load_recipe(recipe_path) if recipe_path else default_recipe(fake_quant)
-    if fake_quant and recipe.mode != fake_quant:
-        recipe = recipe.with_mode(fake_quant)
-    errors = fake_quantize_model(model, recipe)
-    return LoadedModel(model, str(path), "fake-quant", recipe.mode, None, recipe.name, errors)
 
 
 # ---------------------------------------------------------------- generate and score
@@ -226,17 +144,32 @@ def format_report(r: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .digits import TextEncoder
+    """Both benchmarks: the model is loaded here by the same rules (eval_models), each with its own config check,
+    default model, sample count and grid width; the compose package itself loads nothing."""
+    from .compose import benchmark as compose
 
     start = time.perf_counter()
-    encoder = TextEncoder.load()
-    loaded = load_for_eval(args.model, encoder, args.fake_quant, args.recipe, args.target)
-    report, images = evaluate(loaded, args.samples, args.steps, args.seed, args.shift, encoder=encoder)
+    if args.benchmark == "compose" or (args.benchmark is None and compose.wants_compose(args.model)):
+        from .compose import model as compose_model
+
+        encoder = compose_model.TextEncoder.load()
+        loaded = load_for_eval(args.model, encoder, args.fake_quant, args.recipe, args.target,
+                               check=compose_model.check_compatible, default=compose_model.model_dir())
+        run, samples, columns, report_text = (compose.evaluate, compose.DEFAULT_SAMPLES, compose.DEFAULT_SAMPLES,
+                                              compose.format_report)
+        grid = compose.save_grid
+    else:
+        from .digits import TextEncoder
+
+        encoder = TextEncoder.load()
+        loaded = load_for_eval(args.model, encoder, args.fake_quant, args.recipe, args.target)
+        run, samples, columns, report_text, grid = evaluate, DEFAULT_SAMPLES, 10, format_report, save_grid
+    report, images = run(loaded, args.samples or samples, args.steps, args.seed, args.shift, encoder=encoder)
     if args.grid:
         report["grid"] = str(args.grid)
-        save_grid(images, args.grid, columns=args.grid_columns)
+        grid(images, args.grid, columns=args.grid_columns or columns)
     report["seconds"] = round(time.perf_counter() - start, 3)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
     if args.grid and not args.json:
         print(f"grid: {args.grid}", file=sys.stderr)
     return 0
@@ -244,14 +177,21 @@ def cmd_eval(args) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "eval", help="generate digits with a FLUX.2 digits model or pack and score them with the shipped judge",
+        "eval", help="generate images with a FLUX.2 digits or compose model or pack and score them with the "
+                     "shipped judge",
         description="Generate N samples per digit (prompt 'a handwritten digit d') with a FlowMatch-Euler sampler and "
                     "report the judge's accuracy (prompt following) and the Fréchet distance of its features to "
-                    "the real digits (fidelity).")
+                    "the real digits (fidelity). With --benchmark compose: N samples per prompt of GenEval's six "
+                    "categories on compose scenes, scored per category and overall.")
     p.add_argument("model", type=Path, nargs="?",
                    help="diffusers checkpoint folder, a pack folder, or a convert output (default: the shipped "
                         "flux2-tiny-digits)")
-    p.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, help=f"per digit (default {DEFAULT_SAMPLES})")
+    p.add_argument("--benchmark", choices=("digits", "compose"),
+                   help="digits: 'a handwritten digit d' (default for digits models); compose: GenEval's six "
+                        "categories on compose scenes (default for models whose config.json says compose; without "
+                        "a model, the shipped flux2-tiny-compose)")
+    p.add_argument("--samples", type=_positive,
+                   help=f"per digit (default {DEFAULT_SAMPLES}) or, with compose, per prompt (default 4)")
     p.add_argument("--steps", type=_positive, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS})")
     p.add_argument("--shift", type=float, default=SHIFT, help=f"sigma shift (default {SHIFT:g}, as klein)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -262,6 +202,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="which pack of a convert output (default: the runtime's preference, mlx first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--grid", type=Path, help="write a PNG of samples: one row per digit")
-    p.add_argument("--grid-columns", type=_positive, default=10, help="samples per row in the grid (default 10)")
+    p.add_argument("--grid-columns", type=_positive,
+                   help="samples per row in the grid (default 10; compose: the samples per prompt)")
     p.set_defaults(func=cmd_eval)
     return p

@@ -212,7 +212,8 @@ def write_model(ema, out: Path, encoder_table: torch.Tensor) -> None:
 
 def measure(out: Path, encoder, judge) -> dict:
     """Scores of the shipped (bf16) weights, loaded exactly as `bonsai-quant eval` loads them."""
-    from bonsai_quant.evaluate import DEFAULT_SAMPLES, LoadedModel, evaluate, load_full_precision, save_grid
+    from bonsai_quant.eval_models import LoadedModel, load_full_precision
+    from bonsai_quant.evaluate import DEFAULT_SAMPLES, evaluate, save_grid
 
     model = load_full_precision(out, encoder)
     results = {}

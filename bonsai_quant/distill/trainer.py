@@ -288,7 +288,8 @@ class Trainer:
         if self.acc.distributed_type == DistributedType.FSDP:
             self.log("quality evaluation skipped: the student is sharded (FSDP); evaluate the packs afterwards")
         elif self.main:
-            from ..evaluate import LoadedModel, evaluate
+            from ..eval_models import LoadedModel
+            from ..evaluate import evaluate
 
             model = self.acc.unwrap_model(self.student)
             params = dict(model.named_parameters())
