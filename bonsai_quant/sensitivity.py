@@ -159,9 +159,9 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
                 device: str = "cpu", log: Callable[[str], None] = lambda m: None) -> dict:
     """Rank, choose within the budget, compare with the published keep set and write the recipe to `out`."""
     from .calibration import default_model_dtype, load_calibration
-    from .checkpoint import Checkpoint
     from .dense import load_dense
     from .digits import model_dir
+    from .readers.bfl import open_checkpoint
 
     model_path = Path(model_path) if model_path is not None else model_dir()
     solver = solver or DEFAULT_SOLVERS[mode]
@@ -169,7 +169,7 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
 
     if solver not in SOLVERS[mode]:
         raise BonsaiError(f"--solver {solver!r} is not a {mode} solver; valid: {', '.join(SOLVERS[mode])}")
-    checkpoint = Checkpoint(model_path)
+    checkpoint = open_checkpoint(model_path)
     calib = load_calibration(calib_path)
     calib.check_model(checkpoint.config, str(model_path))
     dtype = default_model_dtype(checkpoint)
