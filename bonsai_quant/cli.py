@@ -302,9 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .distill.cli import add_distill_parser
     from .evaluate import add_eval_parser
+    from .generate import add_generate_parser
 
     add_distill_parser(sub)
     add_eval_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
