@@ -47,7 +47,8 @@ def cmd_distill(args) -> int:
                   f"{record['processes']} process(es)): loss {loss['first']:.5g} -> {loss['last']:.5g}")
             if "quality" in record:
                 q = record["quality"]
-                print(f"quality: accuracy {q['accuracy']:.3f}, FD {q['frechet_distance']:.1f}")
+                print(f"quality of the exported packs (step {q['step']}, {q['samples_per_digit']} samples per "
+                      f"digit, 4 steps): accuracy {q['accuracy']:.3f}, FD {q['frechet_distance']:.1f}")
             for target, sizes in report["targets"].items():
                 print(f"  {args.out / target}: {sizes['files_bytes']:,} bytes")
     return 0
