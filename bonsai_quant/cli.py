@@ -283,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")
-    p.add_argument("--base-model", default="black-forest-labs/FLUX.2-klein-4B", help="for the model card")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="the model card's base_model, e.g. black-forest-labs/FLUX.2-klein-4B (default: what the "
+                        "source says, from a hub-cache path or its config; else none is named)")
     p.add_argument("--license", default="apache-2.0", help="license id for the model card front matter")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true")
