@@ -159,6 +159,9 @@ def load_pipeline(source: Path, base_pipeline: Path | None = None, backend: str 
     try:
         pipe = Flux2KleinPipeline.from_pretrained(str(base), transformer=model, dtype=dtype,
                                                   local_files_only=True)
+    except ImportError as e:
+        raise BonsaiError(f"{base}: its Qwen3 text encoder needs transformers ({e}); valid: pip install "
+                          "'bonsai-quant[qwen3]' (or the cuda extra)") from None
     except (OSError, ValueError, TypeError, KeyError) as e:  # diffusers' and transformers' loading errors
         raise BonsaiError(f"{base}: cannot load the pipeline components ({e})") from None
     pipe.to(device)
