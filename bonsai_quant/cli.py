@@ -135,7 +135,9 @@ def cmd_repack(args) -> int:
     from .repack import repack
 
     result = repack(args.src, args.target, args.out, force=args.force, verbose=True)
-    print(f"wrote {result['out']}: {result['target']} pack, {result['files_bytes'] / 1e9:.3f} GB, "
+    from .figures import size_text
+
+    print(f"wrote {result['out']}: {result['target']} pack, {size_text(result['files_bytes'])}, "
           f"{result['tensors']} tensors, {result['seconds']:.1f} s")
     return 0
 
@@ -161,10 +163,12 @@ def cmd_release(args) -> int:
     recipe = _recipe(args)
     targets = args.targets or ("bonsai", "mlx", "gemlite")
     if args.dry_run:
+        from .figures import size_text
+
         info = plan_release(args.model, recipe, targets)
         print(f"{args.out} would hold {info['quantized']} quantized and {info['kept']} kept tensors per pack:")
         for t, s in info["targets"].items():
-            print(f"  {t:<8} {s['tensor_bytes'] / 1e9:.3f} GB ({s['bits_per_weight']:.3f} bits/weight), "
+            print(f"  {t:<8} {size_text(s['tensor_bytes'])} ({s['bits_per_weight']:.3f} bits/weight), "
                   f"{info['source_bytes'] / s['tensor_bytes']:.1f}x smaller than the source")
         return 0
     result = release(args.model, recipe, args.out, targets=targets, force=args.force,

@@ -72,11 +72,16 @@ def default_device() -> str:
 
 
 def load_quantized(pack: Path, device: str, dtype, backend: str | None = None, target: str | None = None):
-    """(model, pack folder): the pack through `load_transformer` with `backend` (default: its choice)."""
+    """(model, pack folder): without `backend` and `target`, `bonsai_quant.load_transformer`'s choice of pack
+    and runtime (the fastest this machine has); else that pack through that runtime."""
+    from . import load_transformer as load_best
     from .runtime import load_transformer, resolve_pack
 
     if backend is not None and backend not in BACKENDS:
         raise BonsaiError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend is None and target is None:
+        model = load_best(Path(pack), dtype=dtype, device=device)
+        return model, Path(model.config["_name_or_path"])
     if backend == "gemlite" and target is None:
         target = "gemlite"  # gemlite's kernels take only the gemlite layout
     folder = resolve_pack(Path(pack), target)
@@ -283,7 +288,7 @@ def generate(source: Path, prompts: list[str] | None = None, *, out: Path | None
             raise BonsaiError("the digits model has no VAE latents; output_type must be 'pil'")
         prompts = list(prompts) if prompts else [digit_prompt(d) for d in range(10)]
         device = device or default_device()
-        model, folder = load_quantized(pack, device, torch.float32, backend, target)
+        model, folder = load_quantized(source, device, torch.float32, backend, target)
         runtime, base = runtime_of(model), None
         log(f"transformer: {folder} (digits model), runtime: {runtime} on {device}")
         images = digits_images(model, prompts, steps, seed)

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import Checkpoint
 from .convert import DEFAULT_SHARD_BYTES, convert_into, planned_bytes
+from .figures import size_text
 from .manifest import check_manifest, write_manifest
 from .output import atomic_output, check_free_space
 from .plan import make_plan, summarize_bytes
@@ -103,7 +104,6 @@ def source_model_id(path: Path) -> str | None:
 def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: dict | None, has_grid: bool,
                base_model: str | None, license: str) -> str:
     mode = recipe.mode
-    source_gb = report["source"]["bytes"] / 1e9
     front = ["---", f"license: {license}", *([f"base_model: {base_model}", "base_model_relation: quantized"]
                                              if base_model else []),
              "library_name: diffusers", "pipeline_tag: text-to-image", "tags:", "- flux2", "- quantized",
@@ -119,11 +119,11 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
              f"{__version__} from the recipe in `recipe.yaml`; mean relative weight error "
              f"{report['mean_rel_error']:.4f}.", "", "## Footprint", "",
              "| pack | for | size | bits/weight (quantized layers) | reduction |", "| --- | --- | --- | --- | --- |",
-             f"| source (`{report['source']['name']}`) | 16-bit | {source_gb:.3f} GB | 16 | 1.0x |"]
+             f"| source (`{report['source']['name']}`) | 16-bit | {size_text(report['source']['bytes'])} | 16 | 1.0x |"]
     for target, t in report["targets"].items():
-        lines.append(f"| `{target}/` | {_PACK_ROLE[target]} | {t['files_bytes'] / 1e9:.3f} GB | "
+        lines.append(f"| `{target}/` | {_PACK_ROLE[target]} | {size_text(t['files_bytes'])} | "
                      f"{t['bits_per_weight']:.3f} | {report['source']['bytes'] / t['files_bytes']:.1f}x |")
-    lines += ["", "Sizes are decimal GB of the files in each folder; every file's size and sha256 is in "
+    lines += ["", "Sizes are decimal units (1 MB = 10^6 bytes) of the files in each folder; every file's size and sha256 is in "
               "`manifest.json`.", ""]
     keep = [f"`{r.pattern}`" for r in recipe.rules if r.action == "keep"]
     lines += ["## Kept in 16-bit", "", ", ".join(keep) or "(the default: every tensor outside the block linears)", ""]

@@ -302,7 +302,7 @@ def test_a_remade_set_has_the_same_fingerprint_and_passes_verify(tmp_path, small
     prompts.write_text("a handwritten digit 3\na handwritten digit 8\n")
     again = calibrate(None, tmp_path / "again", prompts_path=prompts, samples_per_prompt=2, steps=3, seed=7)
     assert again.meta["prompts"] != small_set.meta["prompts"]
-    for a, b in zip(sorted(small_set.path.glob("*.arrow")), sorted(again.path.glob("*.arrow"))):
+    for a, b in zip(sorted(small_set.path.glob("*.arrow")), sorted(again.path.glob("*.arrow")), strict=True):
         assert a.read_bytes() == b.read_bytes()
     assert again.fingerprint() == small_set.fingerprint()
     meta = json.loads((again.path / "calibration.json").read_text())

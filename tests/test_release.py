@@ -42,7 +42,8 @@ def test_model_card(released):
     assert front["pipeline_tag"] == "text-to-image" and "binary" in front["tags"]
     assert front["license"] == "apache-2.0"
     bonsai_bytes = result["report"]["targets"]["bonsai"]["files_bytes"]
-    assert f"| `bonsai/` | compact distribution (repack to a runtime layout) | {bonsai_bytes / 1e9:.3f} GB | 1.125 |" in card
+    assert f"| `bonsai/` | compact distribution (repack to a runtime layout) | {bonsai_bytes / 1e6:.2f} MB | 1.125 |" \
+        in card
     assert "| `mlx/` | pass | pass | pass (" in card
     assert "| `gemlite/` | pass | pass | skipped |" in card
 
