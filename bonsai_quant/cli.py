@@ -205,9 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=("binary", "ternary"),
                        help="quantization mode (default: the recipe's; ternary without a recipe)")
         p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml, the published keep set)")
-        p.add_argument("--target", type=_targets, help="comma-separated: mlx,gemlite (default: the recipe's targets)")
+        p.add_argument("--target", "--targets", dest="target", type=_targets,
+                       help="packs to write, comma-separated from mlx,gemlite,bonsai (default: the recipe's targets)")
 
-    p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs")
+    p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs",
+                       description="Quantize the block linears of a FLUX.2 transformer under a recipe and write one "
+                                   "pack per target (MLX, gemlite, compact bonsai) plus report.json, streaming one "
+                                   "tensor at a time into a temporary folder that becomes --out when complete.")
     model_args(p)
     p.add_argument("--out", type=Path, help="output folder (default: ./<model>-<mode>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -247,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("sensitivity", help="rank layers by output change when only that one is quantized; "
-                                           "write a recipe keeping the most sensitive 16-bit within a byte budget")
+                                           "write a recipe keeping the most sensitive 16-bit within a byte budget",
+                       description="Quantize one linear at a time, measure how much the transformer's output moves "
+                                   "on the calibration set's inputs, rank the layers, and write a recipe that keeps "
+                                   "the most sensitive ones 16-bit within --budget-bytes.")
     p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: flux2-tiny-digits)")
     p.add_argument("--calib", type=Path, metavar="SET", required=True, help="calibration set folder")
     p.add_argument("--mode", choices=("binary", "ternary"), default="ternary", help="default ternary")
@@ -261,29 +268,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sensitivity)
 
-    p = sub.add_parser("plan", help="print tensor -> rule -> mode -> bytes without writing anything")
+    p = sub.add_parser("plan", help="print tensor -> rule -> mode -> bytes without writing anything",
+                       description="Show, for every tensor of the model, the recipe rule that decides it, its mode "
+                                   "(or keep) and its bytes in each target, then the totals; reads headers only.")
     model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("inspect", help="describe a pack folder")
+    p = sub.add_parser("inspect", help="describe a pack folder",
+                       description="Describe a pack (or every pack of a convert output or release): format, mode, "
+                                   "bits, group size, tensor counts, bytes and bits per weight, from its headers.")
     p.add_argument("pack", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly")
+    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly",
+                       description="Rebuild an MLX or gemlite pack from a compact bonsai pack, byte-identical to "
+                                   "what convert writes for that target.")
     p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/)")
     p.add_argument("--target", choices=("mlx", "gemlite"), required=True)
     p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_repack)
 
-    p = sub.add_parser("release", help="build a publishable folder (packs, model card, manifest) or --check one")
+    p = sub.add_parser("release", help="build a publishable folder (packs, model card, manifest) or --check one",
+                       description="Convert into every target, verify the packs, and write a model card, the "
+                                   "recipe, reports and a manifest of every file's sha256; or, with --check, "
+                                   "re-verify a downloaded release.")
     p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
     p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
     p.add_argument("--out", type=Path, help="release folder to write")
-    p.add_argument("--targets", type=_targets, help="packs to include (default: bonsai,mlx,gemlite)")
+    p.add_argument("--target", "--targets", dest="targets", type=_targets,
+                   help="packs to include, comma-separated (default: bonsai,mlx,gemlite)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")
@@ -296,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --check: a JSON report")
     p.set_defaults(func=cmd_release, target=None)
 
-    p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards")
+    p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards",
+                       description="Check a pack (or each pack of a folder): file and tensor sha256, decoded codes "
+                                   "and scales (against re-quantization with --source), the real MLX and gemlite "
+                                   "runtimes where they run, and whole-transformer forwards against diffusers.")
     p.add_argument("pack", type=Path, help="a pack folder or a convert output folder")
     p.add_argument("--source", type=Path, help="the checkpoint it was converted from: check against re-quantization")
     p.add_argument("--calib", type=Path, metavar="SET",

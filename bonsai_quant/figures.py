@@ -49,6 +49,6 @@ def size_text(nbytes: int | float) -> str:
     if nbytes < 1e3:
         return f"{int(nbytes)} bytes"
     for unit, scale, digits in (("kB", 1e3, 1), ("MB", 1e6, 2)):
-        if nbytes < scale * 1e3:
+        if round(nbytes / scale, digits) < 1000:  # 999,999,999 bytes is "1.000 GB", not "1000.00 MB"
             return f"{nbytes / scale:.{digits}f} {unit}"
     return f"{nbytes / 1e9:.3f} GB"

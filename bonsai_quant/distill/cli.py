@@ -66,7 +66,8 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("binary", "ternary"),
                    help="quantization mode (default: the recipe's; ternary without a recipe)")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
-    p.add_argument("--target", type=_targets_arg, help="comma-separated packs to write (default: the recipe's)")
+    p.add_argument("--target", "--targets", dest="target", type=_targets_arg,
+                   help="packs to write, comma-separated from mlx,gemlite,bonsai (default: the recipe's)")
     p.add_argument("--out", type=Path, required=True, help="output folder (packs, report.json, distill.json)")
     p.add_argument("--calib", type=Path, metavar="SET",
                    help="calibration set: the trajectories to train on (default: the recipe's calibration key)")
