@@ -80,10 +80,13 @@ def cmd_calibrate(args) -> int:
 def cmd_sensitivity(args) -> int:
     from .sensitivity import format_report, sensitivity
 
+    from tqdm import tqdm
+
     out = args.out or Path(f"sensitivity-{args.mode}.yaml")
+    # Each layer's row as soon as it is measured (a full-size run takes many minutes), above the progress bar.
+    log = (lambda m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
     report = sensitivity(args.model, args.calib, args.mode, solver=args.solver, budget_bytes=args.budget_bytes,
-                         out=out, max_calls=args.max_calls, device=args.device,
-                         log=(lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None))
+                         out=out, max_calls=args.max_calls, device=args.device, log=log, progress=not args.quiet)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "recipe_text"}, indent=2))
     else:
@@ -264,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="recipe to write (default ./sensitivity-<mode>.yaml)")
     p.add_argument("--max-calls", type=int, help="use only the first N calibration calls")
     p.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
-    p.add_argument("--verbose", action="store_true", help="log each tensor as it is measured")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-tensor rows on stderr")
+    p.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)  # rows are printed by default now
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sensitivity)
 
