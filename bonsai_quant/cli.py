@@ -78,9 +78,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
-    from .sensitivity import format_report, sensitivity
-
     from tqdm import tqdm
+
+    from .sensitivity import format_report, sensitivity
 
     out = args.out or Path(f"sensitivity-{args.mode}.yaml")
     # Each layer's row as soon as it is measured (a full-size run takes many minutes), above the progress bar.

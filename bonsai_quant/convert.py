@@ -28,6 +28,7 @@ from .output import atomic_output, check_free_space
 from .packset import PackSet, Slot
 from .plan import BITS, Decision, Plan, make_plan, summarize_bytes
 from .quantizers import check_finite, quantize
+from .quantizers.objective import objective_rel_error
 from .recipe import Recipe
 
 FORMAT_VERSION = 1
@@ -182,8 +183,10 @@ def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, pa
                  stats=stats.get(d.name) if stats is not None else None)
     packs.quantized(slot, q.codes, q.scales)
     record.update(mode=d.mode, solver=d.solver, rel_error=figure(q.rel_error))
-    if q.objective_rel_error is not None:
-        record["objective_rel_error"] = figure(q.objective_rel_error)
+    objective = objective_rel_error(tensor, q.codes, q.scales, plan.recipe.group_size, d.solver,
+                                    stats.get(d.name) if stats is not None else None)
+    if objective is not None:
+        record["objective_rel_error"] = figure(objective)
     return record, None
 
 

@@ -36,10 +36,6 @@ class QuantizedTensor:
     codes: torch.Tensor   # int8 [out, in]
     scales: torch.Tensor  # scale dtype [out, in // group_size]
     rel_error: float      # ||W - W_hat|| / ||W||
-    # Calibrated solvers: the relative output error on the calibration inputs, the quantity they minimise
-    # (gptq: sqrt(tr(E H E^T) / tr(W H W^T)) with E = W - W_hat, H = E[x x^T]; act-aware: the same with H's
-    # diagonal only). The plain weight error above can be larger than a data-free solver's while this is smaller.
-    objective_rel_error: float | None = None
 
 
 def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torch.dtype,
@@ -53,10 +49,9 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
     group_solver = _group_solver(mode, solver, stats, name, in_features, group_size, scale_dtype)
     codes = torch.empty(out_features, in_features, dtype=torch.int8)
     scales = torch.empty(out_features, in_features // group_size, dtype=scale_dtype)
-    err2 = ref2 = obj2 = objref2 = 0.0
+    err2 = ref2 = 0.0
     chunk = ROWS_PER_CHUNK
     hessian = getattr(stats, "hessian", None) if solver == "gptq" else None
-    objective = _objective(solver, stats)
     if hessian is not None and hessian.is_cuda:
         chunk = out_features  # one pass over the columns: on a GPU its per-column kernel launches dominate
     for start in range(0, out_features, chunk):
@@ -73,38 +68,14 @@ def quantize(weight: torch.Tensor, mode: str, group_size: int, scale_dtype: torc
         diff = groups - c.float() * s16.float()[:, None]
         err2 += float(diff.double().square().sum())  # float64: the reported error must not depend on threads
         ref2 += float(groups.double().square().sum())
-        if objective is not None:
-            num, den = objective(rows, diff.reshape(rows.shape))
-            obj2, objref2 = obj2 + num, objref2 + den
     rel = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
-    objective_rel = None if objective is None else (obj2 / objref2) ** 0.5 if objref2 > 0 else 0.0
     if solver == "grid" and err2 > 0:
         raise BonsaiError(f"{name}: solver 'grid' needs weights already on a {mode} grid (each group of "
                           f"{group_size} holding only {'-s, +s' if mode == 'binary' else '-s, 0, +s'} with s exact "
                           f"in {str(scale_dtype).removeprefix('torch.')}), but re-quantizing changes it (relative "
                           f"error {rel:.3g}); valid: a checkpoint written by `bonsai-quant distill "
                           "--save-checkpoint`, or a rounding solver")
-    return QuantizedTensor(codes, scales, rel, objective_rel)
-
-
-def _objective(solver: str, stats):
-    """(rows, errors) -> (sum of the solver's weighted squared error, the same of the rows), float64 so that
-    the reported figure does not depend on the thread count; None for data-free solvers."""
-    if solver not in CALIBRATED_SOLVERS or stats is None:
-        return None
-    hessian = getattr(stats, "hessian", None)
-    if hessian is not None:
-        h = hessian.double()
-
-        def output_error(rows, errors):
-            e, w = errors.to(h.device, torch.float64), rows.to(h.device, torch.float64)
-            return float(((e @ h) * e).sum()), float(((w @ h) * w).sum())
-        return output_error
-    d = stats.diag.to(device="cpu", dtype=torch.float64).clamp(min=0)
-
-    def diagonal_error(rows, errors):
-        return float((errors.double().square() * d).sum()), float((rows.double().square() * d).sum())
-    return diagonal_error
+    return QuantizedTensor(codes, scales, rel)
 
 
 def _group_solver(mode: str, solver: str, stats, name: str, in_features: int, group_size: int,
