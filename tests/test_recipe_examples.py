@@ -46,10 +46,12 @@ def test_gptq_examples_keep_the_published_set():
 
 
 @pytest.mark.parametrize("name", ["gptq-binary", "gptq-ternary", "mixed"])
-def test_convert_runs_with_each_example(name, tmp_path, small_set):
+def test_convert_runs_with_each_example(name, tmp_path, small_set, capsys):
     out = tmp_path / "packs"
     assert main(["convert", "--recipe", str(RECIPES / f"{name}.yaml"), "--calib", str(small_set.path),
                  "--target", "mlx", "--out", str(out), "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
     qc = json.loads((out / "mlx" / "quantization_config.json").read_text())
     modes = {m: q["mode"] for m, q in qc["quantized"].items()}
     solvers = {q["solver"] for q in qc["quantized"].values()}
@@ -58,7 +60,14 @@ def test_convert_runs_with_each_example(name, tmp_path, small_set):
         assert {modes[m] for m in modes if ".ff." in m or ".ff_context." in m} == {"binary"}
         assert {modes[m] for m in modes if ".attn." in m} == {"ternary"}
         assert solvers == {"absmean", "optimal"}
+        assert "objective" not in report and "output error on the calibration inputs" not in summary
     else:
+        # Beside the plain weight error, the summary reports what gptq minimises: the output error.
+        o = report["objective"]
+        assert o["tensors"] == 28 and 0 < o["mean_rel_error"] < report["mean_rel_error"]
+        assert all("objective_rel_error" in t for t in report["tensors"] if t["action"] == "quantize")
+        assert (f"output error on the calibration inputs (what the calibrated solvers minimise; 28 layers): mean "
+                f"{o['mean_rel_error']:.4f}") in summary
         assert set(modes.values()) == {name.split("-")[1]} and solvers == {"gptq"}
         assert qc["calibration"]["fingerprint"] == small_set.fingerprint()
 
