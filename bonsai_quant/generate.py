@@ -16,7 +16,6 @@ Image i of a run comes from the noise of `seed + i` alone, so it does not change
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import tempfile
@@ -85,12 +84,7 @@ def load_quantized(pack: Path, device: str, dtype, backend: str | None = None, t
     if backend == "gemlite" and target is None:
         target = "gemlite"  # gemlite's kernels take only the gemlite layout
     folder = resolve_pack(Path(pack), target)
-    kwargs = {}
-    if backend is not None:
-        if "backend" not in inspect.signature(load_transformer).parameters:
-            raise BonsaiError(f"--backend {backend}: this installation's load_transformer has no runtime choice "
-                              "(it runs the reference runtime); leave --backend out")
-        kwargs["backend"] = backend
+    kwargs = {} if backend is None else {"backend": backend}  # the loader checks that it runs on `device`
     return load_transformer(folder, dtype=dtype, device=device, **kwargs), folder
 
 
