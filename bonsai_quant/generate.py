@@ -197,7 +197,8 @@ def digits_images(model, prompts: list[str], steps: int, seed: int):
     import torch
     from PIL import Image
 
-    from .digits import CHANNELS, GRID, TextEncoder, euler_sample, latent_to_image, transformer_velocity
+    from .digits import CHANNELS, GRID, TextEncoder, latent_to_image, transformer_velocity
+    from .flux2 import euler_sample
 
     encoder = TextEncoder.load()
     device = next(model.parameters()).device
