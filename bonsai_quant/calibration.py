@@ -44,6 +44,10 @@ VAE_SCALE = 16                # FLUX.2: 8x VAE downsampling, then 2x2 patches ->
 MAX_TEXT_TOKENS = 512         # the klein pipeline's max_sequence_length
 MAX_SAMPLES_PER_PROMPT = 1000
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# The calibration.json keys a fingerprint covers: how the data was made, not when or from which paths.
+DEFINING_SETTINGS = ("format_version", "model_config", "in_channels", "joint_attention_dim", "prompt_count",
+                     "samples_per_prompt", "text_tokens", "image_tokens", "grid", "steps", "shift", "seed",
+                     "sampler", "model_dtype", "store_dtype", "trajectories", "transformer_calls")
 
 
 class CalibrationError(BonsaiError):
@@ -70,15 +74,19 @@ class CalibrationSet:
         return self.trajectories * self.steps
 
     def fingerprint(self) -> str:
-        """sha256 over the set's data files and calibration.json: what a pack records to say which set made it."""
+        """sha256 over the set's data files and the settings that define it: what a pack records to say which set
+        made it. Nothing that varies run to run enters (wall-clock seconds, the paths of the prompt file and
+        text encoder, whose effect the data carries), so a re-made identical set has the same fingerprint."""
         import hashlib
 
         digest = hashlib.sha256()
-        for file in sorted(self.path.glob("*.arrow")) + [self.path / META_NAME]:
+        for file in sorted(self.path.glob("*.arrow")):
             digest.update(file.name.encode())
             with open(file, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     digest.update(chunk)
+        settings = {k: self.meta.get(k) for k in DEFINING_SETTINGS}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
         return digest.hexdigest()
 
     def check_model(self, config: dict, source: str) -> None:

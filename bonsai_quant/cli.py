@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .cli_args import add_model_args, model_from_args, recipe_from_args, targets_arg
+from .cli_args import add_model_args, add_targets_arg, model_from_args, recipe_from_args
 from .errors import BonsaiError
 from .packing.targets import NAMES, RUNTIME_NAMES
 
@@ -48,12 +48,15 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
+    from tqdm import tqdm
+
     from .sensitivity import format_report, sensitivity
 
     out = args.out or Path(f"sensitivity-{args.mode}.yaml")
+    # Each layer's row as soon as it is measured (a full-size run takes many minutes), above the progress bar.
+    log = (lambda m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
     report = sensitivity(args.model, args.calib, args.mode, solver=args.solver, budget_bytes=args.budget_bytes,
-                         out=out, max_calls=args.max_calls, device=args.device,
-                         log=(lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None))
+                         out=out, max_calls=args.max_calls, device=args.device, log=log, progress=not args.quiet)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "recipe_text"}, indent=2))
     else:
@@ -83,7 +86,9 @@ def cmd_repack(args) -> int:
     from .repack import repack
 
     result = repack(args.src, args.target, args.out, force=args.force, verbose=True)
-    print(f"wrote {result['out']}: {result['target']} pack, {result['files_bytes'] / 1e9:.3f} GB, "
+    from .figures import size_text
+
+    print(f"wrote {result['out']}: {result['target']} pack, {size_text(result['files_bytes'])}, "
           f"{result['tensors']} tensors, {result['seconds']:.1f} s")
     if "lossless" in result:  # from a published pack
         print(f"  {result['scale_dtype']} scales; " + ("lossless: every layer decodes to the published levels"
@@ -115,10 +120,12 @@ def cmd_release(args) -> int:
     recipe = recipe_from_args(args)
     targets = args.targets or ALL_TARGETS
     if args.dry_run:
+        from .figures import size_text
+
         info = plan_release(args.model, recipe, targets)
         print(f"{args.out} would hold {info['quantized']} quantized and {info['kept']} kept tensors per pack:")
         for t, s in info["targets"].items():
-            print(f"  {t:<8} {s['tensor_bytes'] / 1e9:.3f} GB ({s['bits_per_weight']:.3f} bits/weight), "
+            print(f"  {t:<8} {size_text(s['tensor_bytes'])} ({s['bits_per_weight']:.3f} bits/weight), "
                   f"{info['source_bytes'] / s['tensor_bytes']:.1f}x smaller than the source")
         return 0
     result = release(args.model, recipe, args.out, targets=targets, force=args.force,
@@ -151,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        add_model_args(p, "comma-separated: mlx,gemlite (default: the recipe's targets)")
+        add_model_args(p)
 
-    p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs")
+    p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs",
+                       description="Quantize the block linears of a FLUX.2 transformer under a recipe and write one "
+                                   "pack per target (MLX, gemlite, compact bonsai) plus report.json, streaming one "
+                                   "tensor at a time into a temporary folder that becomes --out when complete.")
     model_args(p)
     p.add_argument("--out", type=Path, help="output folder (default: ./<model>-<mode>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -193,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("sensitivity", help="rank layers by output change when only that one is quantized; "
-                                           "write a recipe keeping the most sensitive 16-bit within a byte budget")
+                                           "write a recipe keeping the most sensitive 16-bit within a byte budget",
+                       description="Quantize one linear at a time, measure how much the transformer's output moves "
+                                   "on the calibration set's inputs, rank the layers, and write a recipe that keeps "
+                                   "the most sensitive ones 16-bit within --budget-bytes.")
     p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder (default: flux2-tiny-digits)")
     p.add_argument("--calib", type=Path, metavar="SET", required=True, help="calibration set folder")
     p.add_argument("--mode", choices=("binary", "ternary"), default="ternary", help="default ternary")
@@ -203,22 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="recipe to write (default ./sensitivity-<mode>.yaml)")
     p.add_argument("--max-calls", type=int, help="use only the first N calibration calls")
     p.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
-    p.add_argument("--verbose", action="store_true", help="log each tensor as it is measured")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-tensor rows on stderr")
+    p.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)  # rows are printed by default now
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sensitivity)
 
-    p = sub.add_parser("plan", help="print tensor -> rule -> mode -> bytes without writing anything")
+    p = sub.add_parser("plan", help="print tensor -> rule -> mode -> bytes without writing anything",
+                       description="Show, for every tensor of the model, the recipe rule that decides it, its mode "
+                                   "(or keep) and its bytes in each target, then the totals; reads headers only.")
     model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("inspect", help="describe a pack folder")
+    p = sub.add_parser("inspect", help="describe a pack folder",
+                       description="Describe a pack (or every pack of a convert output or release): format, mode, "
+                                   "bits, group size, tensor counts, bytes and bits per weight, from its headers.")
     p.add_argument("pack", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly; or a "
-                                      "published Bonsai pack into any bonsai-quant pack")
+                                      "published Bonsai pack into any bonsai-quant pack",
+                       description="Rebuild an MLX or gemlite pack from a compact bonsai pack, byte-identical to "
+                                   "what convert writes for that target; or convert a published Bonsai snapshot.")
     p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/), or a published "
                                           "Bonsai snapshot (transformer-packed-mflux/ or transformer-gemlite-int*/)")
     p.add_argument("--target", choices=NAMES, required=True,
@@ -227,23 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_repack)
 
-    p = sub.add_parser("release", help="build a publishable folder (packs, model card, manifest) or --check one")
+    p = sub.add_parser("release", help="build a publishable folder (packs, model card, manifest) or --check one",
+                       description="Convert into every target, verify the packs, and write a model card, the "
+                                   "recipe, reports and a manifest of every file's sha256; or, with --check, "
+                                   "re-verify a downloaded release.")
     p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
     p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
     p.add_argument("--out", type=Path, help="release folder to write")
-    p.add_argument("--targets", type=targets_arg, help="packs to include (default: bonsai,mlx,gemlite)")
+    add_targets_arg(p, "bonsai,mlx,gemlite", dest="targets")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")
-    p.add_argument("--base-model", default="black-forest-labs/FLUX.2-klein-4B", help="for the model card")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="the model card's base_model, e.g. black-forest-labs/FLUX.2-klein-4B (default: what the "
+                        "source says, from a hub-cache path or its config; else none is named)")
     p.add_argument("--license", default="apache-2.0", help="license id for the model card front matter")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="with --check: a JSON report")
     p.set_defaults(func=cmd_release, target=None)
 
-    p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards")
+    p = sub.add_parser("verify", help="check a pack: integrity, exactness, real runtimes, end-to-end forwards",
+                       description="Check a pack (or each pack of a folder): file and tensor sha256, decoded codes "
+                                   "and scales (against re-quantization with --source), the real MLX and gemlite "
+                                   "runtimes where they run, and whole-transformer forwards against diffusers.")
     p.add_argument("pack", type=Path, help="a pack folder or a convert output folder")
     p.add_argument("--source", type=Path, help="the checkpoint it was converted from: check against re-quantization")
     p.add_argument("--calib", type=Path, metavar="SET",
@@ -255,9 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .distill.cli import add_distill_parser
     from .evaluate import add_eval_parser
+    from .generate import add_generate_parser
 
     add_distill_parser(sub)
     add_eval_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

@@ -29,13 +29,19 @@ def targets_arg(value: str) -> tuple[str, ...]:
     return targets
 
 
-def add_model_args(p: argparse.ArgumentParser, target_help: str) -> None:
+def add_targets_arg(p: argparse.ArgumentParser, default: str, dest: str = "target") -> None:
+    """--target, with --targets as its alias (one option in every command, whichever spelling a user types)."""
+    p.add_argument("--target", "--targets", dest=dest, type=targets_arg,
+                   help=f"packs to write, comma-separated from {','.join(NAMES)} (default: {default})")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --mode, --recipe, --target: what to quantize, how, and into which packs."""
     p.add_argument("--model", type=Path, help="diffusers FLUX.2 transformer folder, or a BFL single-file "
                    "checkpoint (flux-2-klein-4b.safetensors) (default: built-in tiny model)")
     p.add_argument("--mode", choices=MODES, help="quantization mode (default: the recipe's; ternary without a recipe)")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml, the published keep set)")
-    p.add_argument("--target", type=targets_arg, help=target_help)
+    add_targets_arg(p, "the recipe's targets")
 
 
 def recipe_from_args(args):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import BonsaiError
-from .figures import figure, mean
+from .figures import figure, mean, size_text
 from .output import atomic_output, check_free_space
 from .packing.config import FORMAT_VERSION, PackConfig
 from .packing.formats import MODE_BITS as BITS
@@ -31,6 +31,7 @@ from .packing.formats import dtype_name
 from .packing.packset import PackSet, Slot
 from .plan import Decision, Plan, make_plan, summarize_bytes
 from .quantizers import check_finite, quantize
+from .quantizers.objective import objective_rel_error
 from .readers.bfl import open_checkpoint
 from .recipe import Recipe
 
@@ -183,6 +184,10 @@ def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, pa
                  stats=stats.get(d.name) if stats is not None else None)
     packs.quantized(slot, q.codes, q.scales)
     record.update(mode=d.mode, solver=d.solver, rel_error=figure(q.rel_error))
+    objective = objective_rel_error(tensor, q.codes, q.scales, plan.recipe.group_size, d.solver,
+                                    stats.get(d.name) if stats is not None else None)
+    if objective is not None:
+        record["objective_rel_error"] = figure(objective)
     return record, None
 
 
@@ -194,6 +199,8 @@ def _log_line(d: Decision, record: dict) -> str:
     else:
         what = f"{d.mode} ({d.solver})"
         tail = f", rel_err = {record['rel_error']:.4f}"
+        if "objective_rel_error" in record:
+            tail += f", output rel_err = {record['objective_rel_error']:.4f}"
     return f"{d.name:<58} {src} --> {what:<20} shape = {record['shape']}{tail}"
 
 
@@ -216,22 +223,41 @@ def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: l
         "quantized_weights": weights,
         "mean_rel_error": figure(mean([r["rel_error"] for r in quantized])),
         "weighted_rel_error": figure(mean([r["rel_error"] for r in quantized], [numel[r["name"]] for r in quantized])),
+        **_objective_summary(quantized, numel),
         "targets": targets,
         "warnings": warnings,
         "tensors": records,
     }
 
 
+def _objective_summary(quantized: list[dict], numel: dict) -> dict:
+    """Over the layers of calibrated solvers: the mean of what they minimise (relative output error on the
+    calibration inputs), to read beside the plain weight error they do not minimise."""
+    calibrated = [r for r in quantized if "objective_rel_error" in r]
+    if not calibrated:
+        return {}
+    errors = [r["objective_rel_error"] for r in calibrated]
+    return {"objective": {"what": "relative output error on the calibration inputs (what act-aware and gptq "
+                                  "minimise)", "tensors": len(calibrated),
+                          "mean_rel_error": figure(mean(errors)),
+                          "weighted_rel_error": figure(mean(errors, [numel[r["name"]] for r in calibrated]))}}
+
+
 def format_summary(report: dict, out: Path) -> str:
     lines = [f"wrote {out}",
              f"  tensors: {report['tensors_quantized']} quantized ({report['quantized_weights']:,} weights), "
-             f"{report['tensors_kept']} kept; source {report['source']['bytes'] / 1e9:.3f} GB",
+             f"{report['tensors_kept']} kept; source {size_text(report['source']['bytes'])}",
              f"  mean relative error {report['mean_rel_error']:.4f} "
              f"(weighted by size {report['weighted_rel_error']:.4f})"]
+    if "objective" in report:
+        o = report["objective"]
+        lines.append(f"  output error on the calibration inputs (what the calibrated solvers minimise; "
+                     f"{o['tensors']} layers): mean {o['mean_rel_error']:.4f} (weighted by size "
+                     f"{o['weighted_rel_error']:.4f})")
     for target, t in report["targets"].items():
-        lines.append(f"  {target:<8} {t['files_bytes'] / 1e9:.3f} GB on disk; quantized linears "
-                     f"{t['quantized_bytes'] / 1e9:.3f} GB at {t['bits_per_weight']:.3f} bits/weight, kept "
-                     f"{t['kept_bytes'] / 1e9:.3f} GB")
+        lines.append(f"  {target:<8} {size_text(t['files_bytes'])} on disk; quantized linears "
+                     f"{size_text(t['quantized_bytes'])} at {t['bits_per_weight']:.3f} bits/weight, kept "
+                     f"{size_text(t['kept_bytes'])}")
     if report["warnings"]:
         lines.append(f"  {len(report['warnings'])} warning(s): see report.json")
     lines.append(f"  {report['seconds']:.1f} s")

@@ -9,6 +9,7 @@ grows, so compare it at equal N). The same arguments give the same numbers, run 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -48,9 +49,12 @@ def noise_for(digit: int, samples: int, seed: int) -> torch.Tensor:
 
 
 def generate_digits(model, encoder: TextEncoder, samples: int, steps: int, seed: int = DEFAULT_SEED,
-                    shift: float = SHIFT) -> torch.Tensor:
-    """Images [10, samples, 8, 8] in [0, 1]; row d answers the prompt 'a handwritten digit d'."""
+                    shift: float = SHIFT, progress: bool = False) -> torch.Tensor:
+    """Images [10, samples, 8, 8] in [0, 1]; row d answers the prompt 'a handwritten digit d'.
+
+    `progress`: a bar over the samples on stderr (on a terminal)."""
     import torch
+    from tqdm import tqdm
 
     from .digits import generate
 
@@ -58,8 +62,12 @@ def generate_digits(model, encoder: TextEncoder, samples: int, steps: int, seed:
         raise BonsaiError(f"--samples must be at least 1, got {samples}")
     digits = [d for d in range(10) for _ in range(samples)]
     noise = torch.cat([noise_for(d, samples, seed) for d in range(10)])
-    out = [generate(model, encoder, digits[i:i + CHUNK], noise[i:i + CHUNK], steps, shift)
-           for i in range(0, len(digits), CHUNK)]
+    out = []
+    with tqdm(total=len(digits), desc=f"eval ({steps} steps)", unit="sample", file=sys.stderr,
+              disable=not (progress and sys.stderr.isatty())) as bar:
+        for i in range(0, len(digits), CHUNK):
+            out.append(generate(model, encoder, digits[i:i + CHUNK], noise[i:i + CHUNK], steps, shift))
+            bar.update(len(out[-1]))
     return torch.cat(out).reshape(10, samples, IMAGE_SIZE, IMAGE_SIZE)
 
 
@@ -77,14 +85,14 @@ def score(images: torch.Tensor, judge: Judge) -> dict:
 
 def evaluate(loaded: LoadedModel, samples: int = DEFAULT_SAMPLES, steps: int = DEFAULT_STEPS,
              seed: int = DEFAULT_SEED, shift: float = SHIFT, encoder: TextEncoder | None = None,
-             judge: Judge | None = None) -> tuple[dict, torch.Tensor]:
+             judge: Judge | None = None, progress: bool = False) -> tuple[dict, torch.Tensor]:
     from .digits import TextEncoder
     from .digits_judge import Judge
 
     encoder = encoder or TextEncoder.load()
     judge = judge or Judge.load()
     start = time.perf_counter()
-    images = generate_digits(loaded.model, encoder, samples, steps, seed, shift)
+    images = generate_digits(loaded.model, encoder, samples, steps, seed, shift, progress)
     report = {"model": loaded.source, "kind": loaded.kind, "mode": loaded.mode, "target": loaded.target,
               "recipe": loaded.recipe, "steps": steps, "shift": shift, "samples_per_digit": samples, "seed": seed,
               **score(images, judge),
@@ -163,7 +171,11 @@ def cmd_eval(args) -> int:
 
         encoder = TextEncoder.load()
         loaded = load_for_eval(args.model, encoder, args.fake_quant, args.recipe, args.target)
-        run, samples, columns, report_text, grid = evaluate, DEFAULT_SAMPLES, 10, format_report, save_grid
+        run = functools.partial(evaluate, progress=not args.quiet)
+        run, samples, columns, report_text, grid = run, DEFAULT_SAMPLES, 10, format_report, save_grid
+    if not args.quiet:  # sampling takes a minute or two on 2 cores: say what runs before it does
+        print(f"sampling {args.samples or samples} samples per prompt ({args.steps} steps) with {loaded.source} "
+              f"[{loaded.kind}]", file=sys.stderr, flush=True)
     report, images = run(loaded, args.samples or samples, args.steps, args.seed, args.shift, encoder=encoder)
     if args.grid:
         report["grid"] = str(args.grid)
@@ -201,6 +213,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", choices=TARGETS,
                    help="which pack of a convert output (default: the runtime's preference, mlx first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress line or bar on stderr")
     p.add_argument("--grid", type=Path, help="write a PNG of samples: one row per digit")
     p.add_argument("--grid-columns", type=_positive,
                    help="samples per row in the grid (default 10; compose: the samples per prompt)")

@@ -41,3 +41,14 @@ def fixed_threads(threads: int = 1):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def size_text(nbytes: int | float) -> str:
+    """A byte count in the decimal unit that keeps 3-4 significant digits: 812 bytes, 45.3 kB, 6.71 MB, 1.430 GB
+    (a tiny model's pack is not "0.001 GB")."""
+    if nbytes < 1e3:
+        return f"{int(nbytes)} bytes"
+    for unit, scale, digits in (("kB", 1e3, 1), ("MB", 1e6, 2)):
+        if round(nbytes / scale, digits) < 1000:  # 999,999,999 bytes is "1.000 GB", not "1000.00 MB"
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{nbytes / 1e9:.3f} GB"

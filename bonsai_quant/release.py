@@ -7,6 +7,7 @@ runs give byte-identical folders and a published manifest can be re-derived by a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import Checkpoint
 from .convert import DEFAULT_SHARD_BYTES, convert_into, planned_bytes
+from .figures import size_text
 from .manifest import check_manifest, write_manifest
 from .output import atomic_output, check_free_space
 from .packing.targets import NAMES, TARGETS
@@ -35,10 +37,13 @@ def plan_release(model: Path, recipe: Recipe, targets: tuple[str, ...] = ALL_TAR
 
 def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] = ALL_TARGETS, force: bool = False,
             run_verify: bool = True, evaluation: dict | None = None, grid: Path | None = None,
-            base_model: str = "black-forest-labs/FLUX.2-klein-4B", license: str = "apache-2.0",
+            base_model: str | None = None, license: str = "apache-2.0",
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False) -> dict:
+    """`base_model` (the model card's Hugging Face id) defaults to what the source says (`source_model_id`);
+    when it says nothing, the card names no base model rather than a wrong one."""
     start = time.perf_counter()
     checkpoint = Checkpoint(model)
+    base_model = base_model or source_model_id(checkpoint.path)
     plan = make_plan(checkpoint, recipe, targets)
     check_free_space(Path(out).parent, planned_bytes(plan), "the release")
     with atomic_output(Path(out), force=force, sources=(model,)) as tmp:
@@ -79,15 +84,34 @@ def check_release(folder: Path) -> dict:
     return {"ok": result["ok"], "manifest": [], "packs": result["packs"]}
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def source_model_id(path: Path) -> str | None:
+    """The Hugging Face id of a source checkpoint when it tells: a hub-cache snapshot path
+    (`models--ORG--NAME/snapshots/...`) or a hub id in its config's `_name_or_path`; else None."""
+    for part in Path(path).resolve().parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return "/".join(part.split("--")[1:3])
+    config = Path(path) / "config.json"
+    try:
+        name = json.loads(config.read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists() else None
+
+
 def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: dict | None, has_grid: bool,
-               base_model: str, license: str) -> str:
+               base_model: str | None, license: str) -> str:
     mode = recipe.mode
-    source_gb = report["source"]["bytes"] / 1e9
-    front = ["---", f"license: {license}", f"base_model: {base_model}", "base_model_relation: quantized",
+    front = ["---", f"license: {license}", *([f"base_model: {base_model}", "base_model_relation: quantized"]
+                                             if base_model else []),
              "library_name: diffusers", "pipeline_tag: text-to-image", "tags:", "- flux2", "- quantized",
              f"- {mode}", "- bonsai-quant", *[f"- {t}" for t in report["targets"]], "---", ""]
-    lines = [f"# {base_model.split('/')[-1]} — {mode} ({recipe.name})", "",
-             f"The transformer of [{base_model}](https://huggingface.co/{base_model}) with its "
+    name = base_model.split("/")[-1] if base_model else report["source"]["name"]
+    source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{name}`"
+    lines = [f"# {name} — {mode} ({recipe.name})", "",
+             f"The transformer of {source} with its "
              f"{report['tensors_quantized']} matmul-heavy linear layers ({report['quantized_weights']:,} weights) "
              f"stored as {'{-1,+1}' if mode == 'binary' else '{-1,0,+1}'} codes times one {recipe.scale_dtype} scale "
              f"per group of {recipe.group_size}, and the {report['tensors_kept']} precision-sensitive tensors "
@@ -95,12 +119,12 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
              f"{__version__} from the recipe in `recipe.yaml`; mean relative weight error "
              f"{report['mean_rel_error']:.4f}.", "", "## Footprint", "",
              "| pack | for | size | bits/weight (quantized layers) | reduction |", "| --- | --- | --- | --- | --- |",
-             f"| source (`{report['source']['name']}`) | 16-bit | {source_gb:.3f} GB | 16 | 1.0x |"]
+             f"| source (`{report['source']['name']}`) | 16-bit | {size_text(report['source']['bytes'])} | 16 | 1.0x |"]
     for target, t in report["targets"].items():
-        lines.append(f"| `{target}/` | {TARGETS[target].role} | {t['files_bytes'] / 1e9:.3f} GB | "
+        lines.append(f"| `{target}/` | {TARGETS[target].role} | {size_text(t['files_bytes'])} | "
                      f"{t['bits_per_weight']:.3f} | {report['source']['bytes'] / t['files_bytes']:.1f}x |")
-    lines += ["", "Sizes are decimal GB of the files in each folder; every file's size and sha256 is in "
-              "`manifest.json`.", ""]
+    lines += ["", "Sizes are decimal units (1 MB = 10^6 bytes) of the files in each folder; every file's size and "
+              "sha256 is in `manifest.json`.", ""]
     keep = [f"`{r.pattern}`" for r in recipe.rules if r.action == "keep"]
     lines += ["## Kept in 16-bit", "", ", ".join(keep) or "(the default: every tensor outside the block linears)", ""]
     if checks is not None:
@@ -121,8 +145,8 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
     lines += ["## Use", "", "```python", "import torch", "from bonsai_quant import load_transformer",
               "transformer = load_transformer(\"path/to/this/folder\")  # gemlite on CUDA when installed, else the "
               "reference runtime", "```", "", "On a Mac, the `mlx/` folder loads with `mlx.nn.QuantizedLinear` "
-              f"(group size {recipe.group_size}); `bonsai-quant repack bonsai --target mlx|gemlite` rebuilds either "
-              "runtime pack from the compact one, byte for byte.", "",
+              f"(group size {recipe.group_size}); `bonsai-quant repack bonsai --target mlx --out mlx-pack` (or "
+              "`--target gemlite`) rebuilds either runtime pack from the compact one, byte for byte.", "",
               "Check a download with `bonsai-quant release --check <folder>`.", ""]
     return "\n".join(front + lines)
 

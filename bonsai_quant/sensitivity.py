@@ -15,6 +15,7 @@ quantize, quantize rules for published-kept tensors not chosen.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,11 +52,16 @@ def candidates(model: torch.nn.Module, group_size: int) -> dict[str, object]:
 @torch.no_grad()
 def measure(model: torch.nn.Module, calib, mode: str, solver: str | None = None, group_size: int = 128,
             scale_dtype: str = "float16", batch_size: int = 64, max_calls: int | None = None,
-            log: Callable[[str], None] = lambda m: None) -> list[Sensitivity]:
-    """Sensitivities of every candidate tensor of `model` (full precision, left unchanged), most sensitive first."""
+            log: Callable[[str], None] = lambda m: None, progress: bool = False) -> list[Sensitivity]:
+    """Sensitivities of every candidate tensor of `model` (full precision, left unchanged), most sensitive first.
+
+    Each tensor's row goes to `log` as soon as it is measured; `progress` adds a bar (on a terminal)."""
+    from tqdm import tqdm
+
     solver = solver or DEFAULT_SOLVERS[mode]
     param = next(model.parameters())
     batches = list(calib.batches(batch_size, device=param.device, dtype=param.dtype, max_calls=max_calls))
+    log(f"reference forward over {sum(len(b['timestep']) for b in batches)} calibration calls")
     reference = [model(**b)[0].float() for b in batches]
     ref2 = sum(float(r.square().sum()) for r in reference)
     if ref2 == 0:
@@ -69,10 +75,13 @@ def measure(model: torch.nn.Module, calib, mode: str, solver: str | None = None,
     if solver in CALIBRATED_SOLVERS:
         from .stats import collect_stats
 
+        log(f"statistics for {solver} over the calibration set")
         stats = collect_stats(model, calib, {n: CALIBRATED_SOLVERS[solver] for n in found}, batch_size)
     out = []
     start = time.perf_counter()
-    for i, (name, spec) in enumerate(found.items()):
+    bar = tqdm(found.items(), desc="sensitivity", unit="layer", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()))
+    for i, (name, spec) in enumerate(bar):
         weight = params[name]
         original = weight.detach().clone()
         q = quantize(original.float().cpu(), mode, group_size, SCALE_DTYPES[scale_dtype], solver, name=name,
@@ -156,7 +165,7 @@ def write_recipe(ranking: list[Sensitivity], chosen: list[Sensitivity], mode: st
 
 def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: str | None = None,
                 budget_bytes: int | None = None, out: Path | None = None, max_calls: int | None = None,
-                device: str = "cpu", log: Callable[[str], None] = lambda m: None) -> dict:
+                device: str = "cpu", log: Callable[[str], None] = lambda m: None, progress: bool = False) -> dict:
     """Rank, choose within the budget, compare with the published keep set and write the recipe to `out`."""
     from .calibration import default_model_dtype, load_calibration
     from .dense import load_dense
@@ -175,7 +184,7 @@ def sensitivity(model_path: Path | None, calib_path: Path, mode: str, solver: st
     dtype = default_model_dtype(checkpoint)
     model = load_dense(checkpoint, dtype=dtype, device=device)
     start = time.perf_counter()
-    ranking = measure(model, calib, mode, solver, max_calls=max_calls, log=log)
+    ranking = measure(model, calib, mode, solver, max_calls=max_calls, log=log, progress=progress)
     budget = published_budget(ranking) if budget_bytes is None else budget_bytes
     chosen = choose(ranking, budget)
     calibration = None

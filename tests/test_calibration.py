@@ -300,3 +300,32 @@ def test_calibrate_with_a_qwen3_text_encoder_stores_the_klein_pipeline_embedding
         got = calib.dataset[i]["encoder_hidden_states"]
         assert got.shape == (6, 96) and calib.dataset[i]["prompt"] == p
         assert torch.equal(got, want.to(got.dtype))
+
+
+def test_a_remade_set_has_the_same_fingerprint_and_passes_verify(tmp_path, small_set, capsys):
+    """Byte-identical data made again (another folder, another prompt-file path, other wall-clock seconds) is
+    the same set; a set of other settings is not."""
+    prompts = tmp_path / "elsewhere.txt"
+    prompts.write_text("a handwritten digit 3\na handwritten digit 8\n")
+    again = calibrate(None, tmp_path / "again", prompts_path=prompts, samples_per_prompt=2, steps=3, seed=7)
+    assert again.meta["prompts"] != small_set.meta["prompts"]
+    for a, b in zip(sorted(small_set.path.glob("*.arrow")), sorted(again.path.glob("*.arrow")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    assert again.fingerprint() == small_set.fingerprint()
+    meta = json.loads((again.path / "calibration.json").read_text())
+    meta["seconds"] = meta["seconds"] + 1000.0
+    (again.path / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
+    assert load_calibration(again.path).fingerprint() == small_set.fingerprint()
+    meta["shift"] = 2.5  # a defining setting: another set
+    (again.path / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
+    assert load_calibration(again.path).fingerprint() != small_set.fingerprint()
+    meta["shift"] = small_set.meta["shift"]
+    (again.path / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("format_version: 1\nmode: ternary\nsolver: act-aware\ntargets: [mlx]\n")
+    assert main(["convert", "--model", str(model_dir()), "--recipe", str(recipe), "--quiet", "--out",
+                 str(tmp_path / "p"), "--calib", str(small_set.path)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "p" / "mlx"), "--source", str(model_dir()), "--calib",
+                 str(again.path)]) == 0
+    assert f"under the recorded recipe with calibration set {again.path}" in capsys.readouterr().out

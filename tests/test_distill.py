@@ -132,9 +132,15 @@ def test_batches_do_not_depend_on_the_number_of_processes():
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """A short ternary distillation with a quality check at the end and the grid checkpoint saved."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("distill") / "tiny-ternary"
-    assert run_cli("distill", "--mode", "ternary", "--out", out, "--steps", "12", "--eval-every", "12",
-                   "--eval-samples", "4", "--save-checkpoint", *FAST) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run_cli("distill", "--mode", "ternary", "--out", out, "--steps", "12", "--eval-every", "5",
+                       "--eval-samples", "4", "--save-checkpoint", *FAST) == 0
+    (out.parent / "stdout.txt").write_text(printed.getvalue())
     return out
 
 
@@ -149,6 +155,12 @@ def test_distill_lowers_the_loss_and_records_its_training(distilled):
     assert {d["solver"] for d in qc["quantized"].values()} == {"grid"}
     log = json.loads((distilled / "distill.json").read_text())
     assert [h["step"] for h in log["history"] if "loss" in h] == list(range(1, 13))
+    # Evaluated every 5 steps and at the end: the score reported is the final student's, the packs' own.
+    assert [h["step"] for h in log["history"] if "accuracy" in h] == [0, 5, 10, 12]
+    assert record["quality"]["step"] == 12 and record["quality"]["samples_per_digit"] == 4
+    q = record["quality"]
+    assert (f"quality of the exported packs (step 12, 4 samples per digit, 4 steps): accuracy {q['accuracy']:.3f}, "
+            f"FD {q['frechet_distance']:.1f}") in (distilled.parent / "stdout.txt").read_text()
     assert not (distilled.parent / "tiny-ternary.distill-state").exists()  # spent once the packs exist
 
 

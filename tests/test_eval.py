@@ -107,8 +107,29 @@ def test_grid_pixels(tmp_path):
 
 def test_text_report(capsys):
     assert main(["eval", "--samples", "2", "--steps", "1"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "prompt following (judge accuracy):" in out and "Fréchet distance" in out and "1 steps" in out
+    # Before the minute or two of sampling, stderr says what runs (a bar follows on a terminal).
+    assert "sampling 20 digits (2 per digit, 1 steps) with " in captured.err
+    assert main(["eval", "--samples", "2", "--steps", "1", "--quiet"]) == 0
+    assert "sampling" not in capsys.readouterr().err
+
+
+def test_bench_quality_prints_each_row_as_it_is_measured():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_quality.py"
+    done = subprocess.run([sys.executable, str(tool), "--only", "full precision", "--samples", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = lines.index(f"| {'model':<44} | steps | accuracy | Fréchet distance | retention | seconds |")
+    row = lines[header + 2]
+    assert row.startswith(f"| {'full precision':<44} |     4 | ") and "100.0%" in row
+    assert "full precision: preparing" in done.stderr
 
 
 def test_constants_agree_with_the_library():

@@ -35,11 +35,15 @@ def test_model_card(released):
     out, result = released
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == "black-forest-labs/FLUX.2-klein-4B"
+    # A random checkpoint in a plain folder says nothing about where it came from: no base model is claimed.
+    assert "base_model" not in front and "base_model_relation" not in front
+    assert card.split("---", 2)[2].lstrip().startswith(f"# {result['report']['source']['name']} — binary")
+    assert "`bonsai-quant repack bonsai --target mlx --out mlx-pack`" in card
     assert front["pipeline_tag"] == "text-to-image" and "binary" in front["tags"]
     assert front["license"] == "apache-2.0"
     bonsai_bytes = result["report"]["targets"]["bonsai"]["files_bytes"]
-    assert f"| `bonsai/` | compact distribution (repack to a runtime layout) | {bonsai_bytes / 1e9:.3f} GB | 1.125 |" in card
+    assert f"| `bonsai/` | compact distribution (repack to a runtime layout) | {bonsai_bytes / 1e6:.2f} MB | 1.125 |" \
+        in card
     assert "| `mlx/` | pass | pass | pass (" in card
     assert "| `gemlite/` | pass | pass | skipped |" in card
 
@@ -95,3 +99,25 @@ def test_load_transformer_from_a_release_runs_on_cpu(released):
         b = load_transformer(out / "bonsai")(**kwargs)[0]
     assert a.shape == (1, 4, 64) and torch.isfinite(a).all()
     assert torch.equal(a, b)  # both layouts decode to the same weights
+
+
+def test_base_model_comes_from_the_source_or_the_flag(tmp_path, released):
+    from bonsai_quant.release import model_card, source_model_id
+
+    snapshot = tmp_path / "models--black-forest-labs--FLUX.2-klein-4B" / "snapshots" / "0123abc" / "transformer"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    assert source_model_id(snapshot) == "black-forest-labs/FLUX.2-klein-4B"
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "someone/klein-finetune"}))
+    assert source_model_id(named) == "someone/klein-finetune"
+    (named / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))  # a local path: no id
+    assert source_model_id(named) is None
+    out, result = released
+    card = model_card(result["report"], default_recipe("binary"), None, None, False, "someone/klein-finetune",
+                      "apache-2.0")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "someone/klein-finetune" and front["base_model_relation"] == "quantized"
+    assert "# klein-finetune — binary" in card
+    assert "The transformer of [someone/klein-finetune](https://huggingface.co/someone/klein-finetune)" in card

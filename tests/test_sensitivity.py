@@ -112,7 +112,12 @@ def test_sensitivity_cli(tmp_path, capsys):
     out = tmp_path / "keep.yaml"
     assert main(["sensitivity", "--calib", str(SET), "--mode", "ternary", "--max-calls", "8", "--budget-bytes",
                  "300000", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    rows = [line for line in captured.err.splitlines() if line.startswith("  [")]
+    n = len(rows)  # one row per candidate linear, printed as it is measured, in order
+    assert n > 28 and [r.split("]")[0] for r in rows] == [f"  [{i}/{n}" for i in range(1, n + 1)]
+    assert captured.err.index("reference forward over 8 calibration calls") < captured.err.index("  [1/")
     assert "budget 300,000 bytes of 16-bit Linear weights" in text and f"recipe: {out}" in text
     assert "published keep set" in text
     recipe = load_recipe(out)

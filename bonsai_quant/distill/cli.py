@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli_args import model_from_args, recipe_from_args, targets_arg
+from ..cli_args import add_targets_arg, model_from_args, recipe_from_args
 from ..cli_args import positive_int as _positive
 
 
@@ -37,7 +37,8 @@ def cmd_distill(args) -> int:
                   f"{record['processes']} process(es)): loss {loss['first']:.5g} -> {loss['last']:.5g}")
             if "quality" in record:
                 q = record["quality"]
-                print(f"quality: accuracy {q['accuracy']:.3f}, FD {q['frechet_distance']:.1f}")
+                print(f"quality of the exported packs (step {q['step']}, {q['samples_per_digit']} samples per "
+                      f"digit, 4 steps): accuracy {q['accuracy']:.3f}, FD {q['frechet_distance']:.1f}")
             for target, sizes in report["targets"].items():
                 print(f"  {args.out / target}: {sizes['files_bytes']:,} bytes")
     return 0
@@ -55,7 +56,7 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("binary", "ternary"),
                    help="quantization mode (default: the recipe's; ternary without a recipe)")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
-    p.add_argument("--target", type=targets_arg, help="comma-separated packs to write (default: the recipe's)")
+    add_targets_arg(p, "the recipe's")
     p.add_argument("--out", type=Path, required=True, help="output folder (packs, report.json, distill.json)")
     p.add_argument("--calib", type=Path, metavar="SET",
                    help="calibration set: the trajectories to train on (default: the recipe's calibration key)")

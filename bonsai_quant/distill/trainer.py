@@ -276,6 +276,10 @@ class Trainer:
                 self.save(done, history)
                 self.log(f"step {done}/{s.steps}: loss {value:.5g} (checkpoint saved)")
         bar.close()
+        if opts.eval_every and s.steps % opts.eval_every:
+            # The last score reported must be the exported packs' (the student's forward is exactly theirs), not
+            # that of the last multiple of eval_every; the same test on every process, so all take part.
+            history.append({"step": s.steps, **self.evaluate()})
         seconds = time.perf_counter() - began
         return self.finish(history, start, seconds)
 
@@ -304,7 +308,8 @@ class Trainer:
                 model.train()
                 for name, value in master.items():
                     params[name].data.copy_(value)
-            result = {"accuracy": report["accuracy"], "frechet_distance": report["frechet_distance"]}
+            result = {"accuracy": report["accuracy"], "frechet_distance": report["frechet_distance"],
+                      "samples_per_digit": self.opts.eval_samples}
             self.log(f"quality ({self.opts.eval_samples} per digit, 4 steps): accuracy {result['accuracy']:.3f}, "
                      f"FD {result['frechet_distance']:.1f}")
         self.acc.wait_for_everyone()

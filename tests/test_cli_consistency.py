@@ -1,0 +1,47 @@
+"""One command line: every subcommand describes itself, target options have one spelling (the other an alias),
+sizes print in units a reader takes in at a glance."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bonsai_quant.cli import build_parser
+from bonsai_quant.figures import size_text
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_subcommand_has_a_description():
+    subs = _subparsers()
+    assert {"convert", "calibrate", "sensitivity", "plan", "inspect", "repack", "release", "verify", "distill",
+            "eval", "generate"} <= set(subs)
+    for name, p in subs.items():
+        assert p.description and len(p.description) > 40, name
+
+
+@pytest.mark.parametrize("command, extra, dest", [
+    ("convert", [], "target"), ("plan", [], "target"), ("distill", ["--out", "x"], "target"),
+    ("release", [], "targets")])
+def test_target_and_targets_are_one_option(command, extra, dest):
+    parser = build_parser()
+    for spelling in ("--target", "--targets"):
+        args = parser.parse_args([command, *extra, spelling, "bonsai,mlx"])
+        assert getattr(args, dest) == ("bonsai", "mlx"), (command, spelling)
+
+
+def test_convert_help_lists_every_target(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--target TARGET, --targets TARGET" in text and "mlx,gemlite,bonsai" in text
+
+
+def test_sizes_print_in_sensible_units():
+    assert [size_text(n) for n in (0, 812, 45_300, 999_960, 1_000_000, 6_713_000, 999_999_999, 1_430_000_000)] == \
+        ["0 bytes", "812 bytes", "45.3 kB", "1.00 MB", "1.00 MB", "6.71 MB", "1.000 GB", "1.430 GB"]
