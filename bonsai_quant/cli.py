@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=("binary", "ternary"),
                        help="quantization mode (default: the recipe's; ternary without a recipe)")
         p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml, the published keep set)")
-        p.add_argument("--target", type=_targets, help="comma-separated: mlx,gemlite (default: the recipe's targets)")
+        p.add_argument("--target", type=_targets, help="comma-separated: mlx,gemlite,bonsai,mflux (default: the recipe's targets)")
 
     p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs")
     model_args(p)
@@ -267,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly")
+    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX, gemlite or mflux pack, losslessly")
     p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/)")
-    p.add_argument("--target", choices=("mlx", "gemlite"), required=True)
+    p.add_argument("--target", choices=("mlx", "gemlite", "mflux"), required=True)
     p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_repack)

@@ -42,7 +42,7 @@ def default_model() -> Path:
 
 
 def quantization_config(plan: Plan, shard_bytes: int) -> dict:
-    """The pack description; "format" is the only per-target field (PackSet fills it in)."""
+    """The pack description; "format" and "weights" are its only per-target fields (`packset.qconfig_text`)."""
     recipe = plan.recipe
     modes = sorted({d.mode for d in plan.quantized})
     return {
@@ -53,13 +53,13 @@ def quantization_config(plan: Plan, shard_bytes: int) -> dict:
         "bits": BITS[recipe.mode],
         "group_size": recipe.group_size,
         "scale_dtype": recipe.scale_dtype,
-        "weights": "model.safetensors",
+        "weights": None,
         "shard_bytes": shard_bytes,
         "quantized": {d.module: {"mode": d.mode, "bits": BITS[d.mode], "solver": d.solver, "role": d.spec.role,
                                  "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.quantized},
         "kept": {d.name: {"dtype": str(d.kept_dtype).removeprefix("torch."), "role": d.spec.role,
                           "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.kept},
-        "skipped_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
+        "skip_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
         "recipe": recipe.to_dict(),
         "recipe_yaml": recipe.text,
         "recipe_sha256": hashlib.sha256(recipe.text.encode()).hexdigest(),

@@ -29,7 +29,7 @@ DEFAULT_STEPS = 4
 DEFAULT_SEED = 0
 CHUNK = 250  # samples per forward: bounds memory; fixed so that results do not depend on N's factorisation
 GRID_SCALE, GRID_GAP = 4, 2
-TARGETS = ("mlx", "gemlite", "bonsai")  # == plan.TARGETS
+TARGETS = ("mlx", "gemlite", "bonsai", "mflux")  # == plan.TARGETS
 SHIFT = 3.0  # == digits.SHIFT, klein's sampler shift (checked by the tests)
 IMAGE_SIZE = 8  # == digits.IMAGE_SIZE
 

@@ -19,12 +19,11 @@ from .describe import CONFIG_NAME
 from .errors import PackError
 from .flux2 import TensorSpec, check_size, inventory, read_config
 from .manifest import MANIFEST_NAME, check_manifest
+from .packset import index_name, source_name, weights_name
 from .plan import BITS, KEPT_DTYPES, SCALE_DTYPES, TARGETS, packer
 from .recipe import GROUP_SIZES, MODES
 from .shards import read_json
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 # The fewest bits a pack stores per weight (bonsai binary codes; kept tensors take 16 or more): a config.json
 # describing more parameters than the files could hold at this rate is refused before it is built.
 MIN_BITS_PER_WEIGHT = 1
@@ -121,6 +120,15 @@ def check_layout_fields(path: Path, qconfig: dict) -> None:
         raise PackError(f"{path}: shard_bytes {_short(shard_bytes)}; valid: a whole number of bytes > 0")
 
 
+def pack_headers(folder: Path, fmt: str) -> dict[str, TensorInfo]:
+    """The headers of a `fmt` pack's safetensors, keyed by diffusers tensor name; each `TensorInfo.name` is the
+    name as stored (mflux packs rename a few tensors)."""
+    if fmt not in TARGETS:
+        raise PackError(f"{Path(folder) / CONFIG_NAME}: format {_short(fmt)}; valid: {', '.join(TARGETS)}")
+    headers = read_folder_headers(Path(folder), weights_name(fmt), index_name(fmt), PackError)
+    return {source_name(fmt, name): info for name, info in headers.items()}
+
+
 def check_pack(folder: Path) -> Pack:
     """The pack's structure: quantization_config.json against config.json's architecture, and every tensor of
     the safetensors against the layout that implies (names, dtypes, shapes; nothing missing, nothing extra)."""
@@ -132,13 +140,14 @@ def check_pack(folder: Path) -> Pack:
         return PackError(f"{path}: {what}")
 
     config = read_config(folder / "config.json")
-    headers = read_folder_headers(folder, WEIGHTS_NAME, INDEX_NAME, PackError)
+    single, index = weights_name(q["format"]), index_name(q["format"])
+    headers = pack_headers(folder, q["format"])
     used = {info.file.name for info in headers.values()}
-    if not (folder / INDEX_NAME).exists():
-        used.add(WEIGHTS_NAME)
+    if not (folder / index).exists():
+        used.add(single)
     for stray in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in used):
-        raise PackError(f"{folder / stray}: a safetensors file the pack does not use (neither {WEIGHTS_NAME} nor a "
-                        f"shard listed in {INDEX_NAME}); valid: remove it")
+        raise PackError(f"{folder / stray}: a safetensors file the pack does not use (neither {single} nor a "
+                        f"shard listed in {index}); valid: remove it")
     source = str(folder / "config.json")
     check_size(config, sum(info.nbytes for info in headers.values()), MIN_BITS_PER_WEIGHT, source)
     specs = inventory(config, source)

@@ -16,7 +16,7 @@ from .errors import RecipeError
 from .flux2 import TensorSpec
 from .recipe import Recipe, Rule
 
-TARGETS = ("mlx", "gemlite", "bonsai")
+TARGETS = ("mlx", "gemlite", "bonsai", "mflux")
 # Roles whose linears are quantized when no rule names them: the matmul-heavy block projections. Everything
 # else (embedders, modulation, output, norms) stays 16-bit unless a rule asks, as in the published release.
 DEFAULT_QUANTIZED_ROLES = ("attention", "mlp", "fused_projection")

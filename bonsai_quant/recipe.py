@@ -30,7 +30,7 @@ DEFAULT_SOLVERS = {"binary": "absmean", "ternary": "optimal"}
 GROUP_SIZES = (32, 64, 128)  # what MLX's 1- and 2-bit kernels accept
 SCALE_DTYPES = ("float16", "bfloat16")
 KEPT_DTYPES = ("source", "float16", "bfloat16", "float32")
-TARGETS = ("mlx", "gemlite", "bonsai")
+TARGETS = ("mlx", "gemlite", "bonsai", "mflux")
 DEFAULT_TARGETS = ("mlx", "gemlite")
 
 _TOP_KEYS = ("format_version", "name", "mode", "group_size", "scale_dtype", "kept_dtype", "solver", "targets",

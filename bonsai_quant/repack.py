@@ -20,7 +20,7 @@ from .packing import bonsai
 from .packset import PackSet, pack_entries, slots_from_qconfig
 from .runtime.loader import PackReader, resolve_pack
 
-RUNTIME_TARGETS = ("mlx", "gemlite")
+RUNTIME_TARGETS = ("mlx", "gemlite", "mflux")
 
 
 def repack(src: Path, target: str, out: Path, force: bool = False, verbose: bool = False) -> dict:

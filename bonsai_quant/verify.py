@@ -32,7 +32,7 @@ from .flux2 import model_kwargs
 from .manifest import check_manifest
 from .figures import figure, fixed_threads
 from .pack_check import check_layout_fields, check_pack, dtype_named
-from .packset import pack_layout, qconfig_text, slots_from_qconfig
+from .packset import index_name, pack_layout, qconfig_text, slots_from_qconfig, stored_name
 from .plan import BITS, KEPT_DTYPES, SCALE_DTYPES, decide_all, make_plan, packer
 from .quantizers import dequantize, quantize
 from .recipe import parse_recipe
@@ -84,7 +84,6 @@ def _gate(err: float, bound: float, what: str) -> None:
 
 # Files a pack folder holds besides its safetensors (whose names come from the layout).
 PACK_FILES = ("config.json", CONFIG_NAME, "manifest.json")
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
@@ -169,7 +168,8 @@ class PackVerifier:
         self.config = pack.config
         check_layout_fields(self.folder / CONFIG_NAME, q)
         layout = pack_layout(q["format"], q, slots_from_qconfig(q, pack.specs))
-        files = {s.file for s in layout} | ({INDEX_NAME} if len(layout) > 1 else set())
+        index = index_name(q["format"])
+        files = {s.file for s in layout} | ({index} if len(layout) > 1 else set())
         strangers = sorted(p.name + ("/" if p.is_dir() else "") for p in self.folder.iterdir()
                            if p.name not in files and p.name not in PACK_FILES)
         if strangers:
@@ -194,8 +194,8 @@ class PackVerifier:
         if len(layout) > 1:
             from .checkpoint import index_text
 
-            if (self.folder / INDEX_NAME).read_text(errors="replace") != index_text(layout):
-                _fail(f"{self.folder / INDEX_NAME}: differs from the index of this pack's layout")
+            if (self.folder / index).read_text(errors="replace") != index_text(layout):
+                _fail(f"{self.folder / index}: differs from the index of this pack's layout")
         step.detail = f"{len(pack.headers)} tensors in {len(layout)} file(s) match"
 
     # -- step 2 -------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ class PackVerifier:
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
         fmt = self.qconfig["format"]
-        if fmt == "mlx":
+        if fmt in ("mlx", "mflux"):  # mflux packs hold MLX's own tensors under mflux's names
             self._mlx_layers(step)
         elif fmt == "gemlite":
             self._gemlite_layers(step)
@@ -326,18 +326,19 @@ class PackVerifier:
             arrays.update(mx.load(str(file)))
         g, worst = self.qconfig["group_size"], 0.0
         rng = np.random.default_rng(self.seed)
+        fmt = self.qconfig["format"]
         for module, info in self.qconfig["quantized"].items():
             w = dequantize(*self.decode(module), g).numpy()
             bits = info["bits"]
-            got = mx.dequantize(arrays[f"{module}.weight"], arrays[f"{module}.scales"], arrays[f"{module}.biases"],
-                                group_size=g, bits=bits)
+            weight, scales, biases = (arrays[stored_name(fmt, f"{module}.{s}")] for s in ("weight", "scales", "biases"))
+            got = mx.dequantize(weight, scales, biases, group_size=g, bits=bits)
             if not np.array_equal(np.array(got.astype(mx.float32)), w):
                 bad = np.argwhere(np.array(got.astype(mx.float32)) != w)[0].tolist()
                 _fail(f"{module}: mlx.core.dequantize gives {np.array(got.astype(mx.float32))[tuple(bad)]} at {bad}, "
                       f"the pack decodes to {w[tuple(bad)]}")
             out_f, in_f = info["shape"]
             layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=bits)
-            layer.weight, layer.scales, layer.biases = (arrays[f"{module}.{s}"] for s in ("weight", "scales", "biases"))
+            layer.weight, layer.scales, layer.biases = weight, scales, biases
             x = rng.standard_normal((4, in_f), dtype=np.float32)
             ref = x @ w.T
             err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))

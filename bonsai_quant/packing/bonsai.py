@@ -27,6 +27,7 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
 
 SUFFIXES: tuple[str, ...] = ("codes", "scales")
+WEIGHTS_STEM = "model"
 _TARGET = "bonsai"
 TRITS_PER_BYTE = 5
 _TRIT_BYTES = 3 ** TRITS_PER_BYTE  # 243: bytes at or above this hold no 5-trit group

@@ -22,6 +22,7 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
 
 SUFFIXES: tuple[str, ...] = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale")
+WEIGHTS_STEM = "model"
 _TARGET = "gemlite"
 
 # gemlite.dtypes.DType values as they appear in metadata.

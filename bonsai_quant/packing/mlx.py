@@ -13,6 +13,8 @@ from bonsai_quant.errors import PackError
 from bonsai_quant.packing import bits as B
 
 SUFFIXES: tuple[str, ...] = ("weight", "scales", "biases")
+# diffusers' file name, which the published MLX snapshots keep and mlx-vlm's Bonsai loader requires.
+WEIGHTS_STEM = "diffusion_pytorch_model"
 _TARGET = "MLX"
 _GROUP_SIZES = (32, 64, 128)
 

@@ -12,8 +12,9 @@ from . import decode
 
 SLICE_BYTES = 32 * 2**20
 LAYOUT_BUFFERS = {"mlx": ("weight", "scales", "biases"), "gemlite": ("W_q", "scales", "zeros"),
-                  "bonsai": ("codes", "scales")}
-_DECODERS = {"mlx": decode.mlx_rows, "gemlite": decode.gemlite_rows, "bonsai": decode.bonsai_rows}
+                  "bonsai": ("codes", "scales"), "mflux": ("weight", "scales", "biases")}
+_DECODERS = {"mlx": decode.mlx_rows, "gemlite": decode.gemlite_rows, "bonsai": decode.bonsai_rows,
+             "mflux": decode.mlx_rows}
 
 
 class PackedLinear(torch.nn.Module):
