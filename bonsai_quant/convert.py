@@ -104,10 +104,13 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
 
 def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 verbose: bool = False, calib=None, calib_device: str = "cpu", extra_config: dict | None = None) -> dict:
+                 verbose: bool = False, calib=None, calib_device: str = "cpu", extra_config: dict | None = None,
+                 folder_names: dict[str, str] | None = None) -> dict:
     """The work of `convert` inside an existing (temporary) folder: packs and report.json.
 
-    `extra_config`: more top-level keys for quantization_config.json (distill records its training there)."""
+    `extra_config`: more top-level keys for quantization_config.json (distill records its training there).
+    `folder_names`: target -> the name of its pack folder (default: the target's name)."""
+    names = {t: (folder_names or {}).get(t, t) for t in plan.targets}
     echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     records, warnings = [], []
     stats, calibration = _calibration_stats(checkpoint, plan, calib, calib_device, echo)
@@ -116,7 +119,7 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
         qconfig["calibration"] = calibration  # only for calibrated packs: data-free packs stay byte-identical
     qconfig.update(extra_config or {})
     slots = [Slot(d.name, d.spec.shape, d.action, d.mode, d.kept_dtype) for d in plan.decisions]
-    packs = PackSet({t: folder / t for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
+    packs = PackSet({t: folder / names[t] for t in plan.targets}, checkpoint.path / "config.json", qconfig, slots)
     try:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
@@ -133,7 +136,7 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
     except BaseException:
         packs.abort()
         raise
-    report = _report(checkpoint, plan, records, warnings, folder)
+    report = _report(checkpoint, plan, records, warnings, folder, names)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -196,14 +199,15 @@ def _log_line(d: Decision, record: dict) -> str:
     return f"{d.name:<58} {src} --> {what:<20} shape = {record['shape']}{tail}"
 
 
-def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path) -> dict:
+def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path,
+            names: dict[str, str]) -> dict:
     quantized = [r for r in records if r["action"] == "quantize"]
     numel = {d.name: d.spec.numel for d in plan.decisions}
     weights = sum(numel[r["name"]] for r in quantized)
     targets = {}
     for target in plan.targets:
         sizes = summarize_bytes(plan, target)
-        sizes["files_bytes"] = sum(p.stat().st_size for p in (folder / target).iterdir() if p.is_file())
+        sizes["files_bytes"] = sum(p.stat().st_size for p in (folder / names[target]).iterdir() if p.is_file())
         targets[target] = sizes
     return {
         "tool": {"name": "bonsai-quant", "version": __version__},

@@ -29,6 +29,9 @@ SOLVERS = {"binary": ("absmean", "act-aware", "gptq", "grid"),
 DEFAULT_SOLVERS = {"binary": "absmean", "ternary": "optimal"}
 GROUP_SIZES = (32, 64, 128)  # what MLX's 1- and 2-bit kernels accept
 SCALE_DTYPES = ("float16", "bfloat16")
+# Targets whose consumers hold scales in bf16 (mlx-vlm casts them to it; the published MLX packs store it): a
+# recipe writing one of them defaults to bfloat16 scales, so what they load is exactly what was quantized.
+BF16_SCALE_TARGETS = ("mlx", "mflux")
 KEPT_DTYPES = ("source", "float16", "bfloat16", "float32")
 TARGETS = ("mlx", "gemlite", "bonsai", "mflux")
 DEFAULT_TARGETS = ("mlx", "gemlite")
@@ -236,12 +239,13 @@ class _Parser:
             group_size = self.integer(node, "group_size", valid)
             if group_size not in GROUP_SIZES:
                 raise self.fail(node, "group_size", f"unsupported group size {group_size}", valid)
-        scale_dtype = self.optional_choice(fields, "scale_dtype", SCALE_DTYPES, "float16", "scale dtype")
+        targets = self.targets(fields["targets"]) if "targets" in fields else DEFAULT_TARGETS
+        default_scale = "bfloat16" if set(targets) & set(BF16_SCALE_TARGETS) else "float16"
+        scale_dtype = self.optional_choice(fields, "scale_dtype", SCALE_DTYPES, default_scale, "scale dtype")
         kept_dtype = self.optional_choice(fields, "kept_dtype", KEPT_DTYPES, "source", "kept dtype")
         solver = DEFAULT_SOLVERS[mode]
         if "solver" in fields:
             solver = self.solver(fields["solver"], "solver", mode, mode_note)
-        targets = self.targets(fields["targets"]) if "targets" in fields else DEFAULT_TARGETS
         calibration, calibration_line = None, 0
         if "calibration" in fields:
             calibration = self.string(fields["calibration"], "calibration",

@@ -10,6 +10,9 @@ Steps, in order, each naming the first thing that fails:
 4 end-to-end   the transformer forward from the pack through the reference runtime against diffusers with
                the decoded (fake-quantized) weights, in float32.
 5 mlx-e2e      the whole transformer forward in MLX from an MLX pack against the same float32 reference.
+6 consumers    one step per Mac application (`consumers.py`: mlx-vlm's FLUX.2 and Bonsai loaders, mflux), when
+               installed and the pack suits it: its own loader reads the pack, its float32 forward matches the
+               reference, or (Bonsai, whose fused forward needs Metal) the weights it holds equal our decode.
 """
 
 from __future__ import annotations
@@ -432,9 +435,46 @@ class PackVerifier:
         _gate(err, MLX_E2E_BOUND, "MLX transformer forward differs from the torch reference")
         step.detail = f"MLX forward from the pack vs torch fp32 reference: rel error {err:.1e} (bound {MLX_E2E_BOUND})"
 
+    def consumer(self, name: str, step: Step, cache: dict) -> None:
+        from . import consumers
+
+        spec = consumers.CONSUMERS[name]
+        if consumers.installed(name) is None:
+            step.status = "skip"
+            step.detail = (f"{spec.distribution} is not installed (tested with {spec.tested}: pip install --no-deps "
+                           f"{spec.distribution}=={spec.tested})")
+            return
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        problem = consumers.layout_problems(self.qconfig, files)[name]
+        if problem is not None:
+            step.status, step.detail = "skip", f"{name} cannot load this pack: {problem}"
+            return
+        if name != "mlx-vlm-bonsai":
+            cache.setdefault("inputs", self.inputs())
+            cache.setdefault("reference", self.reference_output(cache["inputs"]))
+            inputs = {k: v.numpy() for k, v in cache["inputs"].items()}
+            step.detail, step.data = consumers.check_forward(name, self.folder, self.config, inputs,
+                                                             cache["reference"].numpy())
+            return
+        import mlx.core as mx
+
+        arrays, fmt, g = {}, self.qconfig["format"], self.qconfig["group_size"]
+        for file in files:
+            arrays.update(mx.load(str(self.folder / file)))
+        reader = PackReader(self.folder)
+
+        def weight(module: str) -> np.ndarray:
+            if module in self.qconfig["quantized"]:
+                return dequantize(*self.decode(module), g).numpy()
+            return reader.get(f"{module}.weight").float().numpy()
+
+        step.detail, step.data = consumers.check_bonsai(self.folder, self.config, self.qconfig, weight,
+                                                        lambda n: arrays[stored_name(fmt, n)], self.seed)
+
     def run(self) -> list[Step]:
         steps: list[Step] = []
         cache: dict = {}
+        from .consumers import CONSUMERS
 
         def e2e(step):
             cache.setdefault("inputs", self.inputs())
@@ -450,7 +490,8 @@ class PackVerifier:
             self.mlx_end_to_end(step, cache["inputs"], cache["reference"])
 
         for name, fn in (("integrity", self.integrity), ("exactness", self.exactness),
-                         ("runtime", self.real_runtime), ("end-to-end", e2e), ("mlx-end-to-end", mlx_e2e)):
+                         ("runtime", self.real_runtime), ("end-to-end", e2e), ("mlx-end-to-end", mlx_e2e),
+                         *((name, lambda step, n=name: self.consumer(n, step, cache)) for name in CONSUMERS)):
             step = Step(name)
             start = time.perf_counter()
             try:
