@@ -159,7 +159,7 @@ def cmd_release(args) -> int:
     if args.model is None or args.out is None:
         raise BonsaiError("release needs --model and --out (or --check FOLDER); see bonsai-quant release --help")
     recipe = _recipe(args)
-    targets = args.targets or ("bonsai", "mlx", "gemlite")
+    targets = args.targets
     if args.dry_run:
         info = plan_release(args.model, recipe, targets)
         print(f"{args.out} would hold {info['quantized']} quantized and {info['kept']} kept tensors per pack:")
@@ -169,7 +169,7 @@ def cmd_release(args) -> int:
         return 0
     result = release(args.model, recipe, args.out, targets=targets, force=args.force,
                      run_verify=not args.no_verify, base_model=args.base_model, license=args.license,
-                     verbose=not args.quiet)
+                     verbose=not args.quiet, base_pipeline=args.base_pipeline)
     from .convert import format_summary
 
     print(format_summary(result["report"], args.out))
@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
     p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
     p.add_argument("--out", type=Path, help="release folder to write")
-    p.add_argument("--targets", type=_targets, help="packs to include (default: bonsai,mlx,gemlite)")
+    p.add_argument("--targets", type=_targets,
+                   help="packs to include (default: bonsai,mlx,gemlite and mflux where mflux reads the recipe)")
+    p.add_argument("--base-pipeline", type=Path, metavar="DIR",
+                   help="a diffusers klein pipeline folder: copy its text encoder, tokenizer, VAE, scheduler and "
+                        "model_index.json in, so the release runs end to end")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")
