@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import io
 import importlib.util
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -179,7 +179,7 @@ def _run(name: str, what: str, fn):
         return fn()
     except ConsumerError:
         raise
-    except Exception as e:  # the consumers raise ValueError, KeyError, RuntimeError ... with their own messages
+    except Exception as e:  # noqa: BLE001 -- the consumers raise ValueError, KeyError, RuntimeError ...
         raise ConsumerError(f"{name} {installed(name)}: {what} failed: {type(e).__name__}: {e}") from None
 
 
@@ -203,7 +203,9 @@ def load_mflux(folder: Path, config: dict):
     from mflux.models.common.weights.loading.weight_applier import WeightApplier
     from mflux.models.common.weights.loading.weight_loader import WeightLoader
     from mflux.models.flux2.model.flux2_transformer.transformer import Flux2Transformer
-    from mflux.models.flux2.weights.flux2_weight_definition import Flux2KleinWeightDefinition
+    from mflux.models.flux2.weights.flux2_weight_definition import (
+        Flux2KleinWeightDefinition,
+    )
 
     component = next(c for c in Flux2KleinWeightDefinition.get_components() if c.name == "transformer")
     with _model_root(folder, "transformer") as root:
@@ -263,8 +265,13 @@ def load_bonsai(folder: Path, config: dict, bits: int):
     """The Bonsai fast transformer built from the pack folder (as `<root>/transformer-packed-mflux/`), the way
     mlx-vlm's `bonsai.weights.load_transformer` builds it, with the dimensions of `config` instead of klein
     4B's hard-coded ones."""
-    from mlx_vlm.models.bonsai.klein_fast import Flux2KleinFastTransformer, find_packed_artifact_dir
-    from mlx_vlm.models.bonsai.klein_fast import load_klein_fast_packed_weights_from_disk as load_weights
+    from mlx_vlm.models.bonsai.klein_fast import (
+        Flux2KleinFastTransformer,
+        find_packed_artifact_dir,
+    )
+    from mlx_vlm.models.bonsai.klein_fast import (
+        load_klein_fast_packed_weights_from_disk as load_weights,
+    )
 
     spec = bonsai_spec(config)
     with _model_root(folder, "transformer-packed-mflux") as root:
@@ -313,7 +320,10 @@ def check_bonsai(folder: Path, config: dict, qconfig: dict, weight, stored, seed
     `mx.quantized_matmul` gives on the pack's own tensors. `weight(module)`: our float32 decode (or kept
     tensor); `stored(name)`: a tensor of the pack as an mx array."""
     import mlx.core as mx
-    from mlx_vlm.models.bonsai.klein_fast import DenseLinearKernel, QuantizedLinearKernel
+    from mlx_vlm.models.bonsai.klein_fast import (
+        DenseLinearKernel,
+        QuantizedLinearKernel,
+    )
 
     name = "mlx-vlm-bonsai"
     bits = {q["bits"] for q in qconfig["quantized"].values()}.pop()
@@ -343,7 +353,7 @@ def check_bonsai(folder: Path, config: dict, qconfig: dict, weight, stored, seed
                      for s in ("weight", "scales", "biases")}
             expect = mx.quantized_matmul(x, parts["weight"], parts["scales"], parts["biases"],
                                          group_size=qconfig["group_size"], bits=bits)
-            got = _run(name, "per-layer kernel", lambda: kernel(x))
+            got = _run(name, "per-layer kernel", lambda k=kernel, x=x: k(x))
             if not np.array_equal(np.array(got.astype(mx.float32)), np.array(expect.astype(mx.float32))):
                 raise ConsumerError(f"{name}: the kernel of {'+'.join(modules)} differs from mx.quantized_matmul on "
                                     "the pack's tensors")

@@ -181,7 +181,7 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
               "transformer = load_transformer(\"path/to/this/folder\")  # gemlite on CUDA when installed, else the "
               "reference runtime", "```", ""]
     lines += _mac_use(report, recipe, pipeline_parts, base_model)
-    lines += [f"`bonsai-quant repack bonsai --target mlx|gemlite|mflux` rebuilds a runtime pack from the compact "
+    lines += ["`bonsai-quant repack bonsai --target mlx|gemlite|mflux` rebuilds a runtime pack from the compact "
               "one, byte for byte.", "", "Check a download with `bonsai-quant release --check <folder>`.", ""]
     return "\n".join(front + lines)
 

@@ -15,6 +15,7 @@ from bonsai_quant.cli import main
 from bonsai_quant.convert import convert
 from bonsai_quant.errors import BonsaiError, OutputExistsError, RecipeError
 from bonsai_quant.packing import gemlite as gemlite_pack
+from bonsai_quant.packset import index_name
 from bonsai_quant.quantizers import dequantize, quantize
 from bonsai_quant.recipe import default_recipe, parse_recipe
 
@@ -51,7 +52,7 @@ def test_report_and_folder_layout(converted, tiny_ckpt):
                         ("gemlite", {"binary": 1.25, "ternary": 2.125}[mode] + overhead)):
         folder = out / target
         assert (folder / "config.json").read_bytes() == (tiny_ckpt / "config.json").read_bytes()
-        assert (folder / "model.safetensors.index.json").exists()  # 1 MB shards force sharding
+        assert (folder / index_name(target)).exists()  # 1 MB shards force sharding
         qc = json.loads((folder / "quantization_config.json").read_text())
         assert (qc["format"], qc["mode"], qc["bits"], qc["group_size"]) == (target, mode, {"binary": 1, "ternary": 2}[mode], 128)
         assert len(qc["quantized"]) == 28 and len(qc["kept"]) == 21
@@ -117,7 +118,7 @@ def test_existing_output_is_refused_then_replaced_with_force(tiny_ckpt, tmp_path
         convert(tiny_ckpt, default_recipe("binary"), out, verbose=False)
     assert (out / "precious.txt").read_text() == "keep me"
     convert(tiny_ckpt, default_recipe("binary"), out, force=True, verbose=False)
-    assert not (out / "precious.txt").exists() and (out / "mlx" / "model.safetensors").exists()
+    assert not (out / "precious.txt").exists() and (out / "mlx" / "diffusion_pytorch_model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

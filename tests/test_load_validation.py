@@ -62,9 +62,10 @@ def _edit_qconfig(folder, edit, reseal=True):
 
 
 def _edit_tensors(folder, edit):
-    tensors = load_file(str(folder / "model.safetensors"))
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(str(file))
     edit(tensors)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "mlx"})
+    save_file(tensors, str(file), metadata={"format": "mlx"})
     _reseal(folder)
 
 
@@ -203,7 +204,7 @@ def test_config_json_far_larger_than_the_pack_is_refused_before_building(mlx):
 def test_pack_index_entry_outside_the_folder_is_refused(sharded, tmp_path, where):
     pack = tmp_path / "mlx"
     shutil.copytree(sharded, pack)
-    index_path = pack / "model.safetensors.index.json"
+    index_path = pack / "diffusion_pytorch_model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     shutil.move(pack / first, tmp_path / first)
@@ -265,7 +266,7 @@ def test_mlx_runtime_refuses_an_index_entry_outside_the_folder(sharded, tmp_path
 
     pack = tmp_path / "mlx"
     shutil.copytree(sharded, pack)
-    index_path = pack / "model.safetensors.index.json"
+    index_path = pack / "diffusion_pytorch_model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     shutil.move(pack / first, tmp_path / first)
