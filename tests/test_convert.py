@@ -74,7 +74,7 @@ def test_mlx_pack_decodes_in_real_mlx_to_the_quantized_weights(converted, tiny_c
     for name in ("transformer_blocks.1.ff.linear_in.weight", "single_transformer_blocks.0.attn.to_out.weight",
                  "transformer_blocks.0.attn.to_add_out.weight"):
         module = name.removesuffix(".weight")
-        q = quantize(ckpt.load(name), mode, GROUP, torch.float16, solver)
+        q = quantize(ckpt.load(name), mode, GROUP, torch.bfloat16, solver)
         got = mx.dequantize(packed[f"{module}.weight"], packed[f"{module}.scales"], packed[f"{module}.biases"],
                             group_size=GROUP, bits=bits)
         expected = dequantize(q.codes, q.scales, GROUP)
@@ -99,7 +99,7 @@ def test_gemlite_pack_unpacks_to_the_quantized_codes(converted, tiny_ckpt):
     module = name.removesuffix(".weight")
     tensors = {k.removeprefix(module + "."): v for k, v in pack.items() if k.startswith(module + ".")}
     codes, scales = gemlite_pack.unpack(tensors, mode, GROUP)
-    q = quantize(ckpt.load(name), mode, GROUP, torch.float16, {"binary": "absmean", "ternary": "optimal"}[mode])
+    q = quantize(ckpt.load(name), mode, GROUP, torch.bfloat16, {"binary": "absmean", "ternary": "optimal"}[mode])
     assert torch.equal(codes, q.codes) and torch.equal(scales, q.scales)
 
 
@@ -186,7 +186,7 @@ def test_cli_convert_plan_inspect(tiny_ckpt, tmp_path, capsys):
     assert f"error: {out}: already exists; pass --force to replace it" in capsys.readouterr().err
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "mlx pack, binary (1-bit slots), group 128, float16 scales" in text
+    assert "mlx pack, binary (1-bit slots), group 128, bfloat16 scales" in text
     assert "28 quantized tensors (5,111,808 weights, 798,720 bytes, 1.250 bits/weight)" in text
     assert main(["plan", "--model", str(tiny_ckpt), "--mode", "ternary"]) == 0
     text = capsys.readouterr().out

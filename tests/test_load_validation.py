@@ -100,9 +100,9 @@ def test_stale_manifest_is_refused(mlx):
     (lambda t: t.update({"proj_out.weight": t["proj_out.weight"].float()}),
      "tensor 'proj_out.weight' is torch.float32[64, 256], expected torch.bfloat16[64, 256]"),
     (lambda t: t.update({f"{Q}.scales": t[f"{Q}.scales"][:128].clone()}),
-     f"tensor '{Q}.scales' is torch.float16[128, 2], expected torch.float16[256, 2]"),
+     f"tensor '{Q}.scales' is torch.bfloat16[128, 2], expected torch.bfloat16[256, 2]"),
     (lambda t: t.update({"lora.weight": torch.zeros(2)}),
-     "tensor 'lora.weight' in model.safetensors is not described by quantization_config.json"),
+     "tensor 'lora.weight' in diffusion_pytorch_model.safetensors is not described by quantization_config.json"),
     (lambda t: t.pop(f"{Q}.biases"), f"tensor '{Q}.biases' is missing from the pack's safetensors"),
 ])
 def test_tensors_against_the_config_are_checked_before_loading(mlx, edit, message):
