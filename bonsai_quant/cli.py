@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .cli_args import add_model_args, model_from_args, recipe_from_args, targets_arg
 from .errors import BonsaiError
-from .packing.targets import RUNTIME_NAMES
+from .packing.targets import NAMES, RUNTIME_NAMES
 
 
 def cmd_convert(args) -> int:
@@ -89,7 +89,7 @@ def cmd_repack(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .release import ALL_TARGETS, check_release, plan_release, release
+    from .release import check_release, plan_release, release
 
     if args.check is not None:
         result = check_release(args.check)
@@ -107,7 +107,7 @@ def cmd_release(args) -> int:
     if args.model is None or args.out is None:
         raise BonsaiError("release needs --model and --out (or --check FOLDER); see bonsai-quant release --help")
     recipe = recipe_from_args(args)
-    targets = args.targets or ALL_TARGETS
+    targets = args.targets  # None: release's default set for the recipe
     if args.dry_run:
         info = plan_release(args.model, recipe, targets)
         print(f"{args.out} would hold {info['quantized']} quantized and {info['kept']} kept tensors per pack:")
@@ -117,7 +117,7 @@ def cmd_release(args) -> int:
         return 0
     result = release(args.model, recipe, args.out, targets=targets, force=args.force,
                      run_verify=not args.no_verify, base_model=args.base_model, license=args.license,
-                     verbose=not args.quiet)
+                     verbose=not args.quiet, base_pipeline=args.base_pipeline)
     from .convert import format_summary
 
     print(format_summary(result["report"], args.out))
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        add_model_args(p, "comma-separated: mlx,gemlite (default: the recipe's targets)")
+        add_model_args(p, f"comma-separated: {','.join(NAMES)} (default: the recipe's targets)")
 
     p = sub.add_parser("convert", help="quantize a checkpoint and write runtime packs")
     model_args(p)
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX or gemlite pack, losslessly")
+    p = sub.add_parser("repack", help="turn a compact bonsai pack into an MLX, gemlite or mflux pack, losslessly")
     p.add_argument("src", type=Path, help="a bonsai pack folder (or a folder holding bonsai/)")
     p.add_argument("--target", choices=RUNTIME_NAMES, required=True)
     p.add_argument("--out", type=Path, required=True, help="the runtime pack folder to write")
@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
     p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
     p.add_argument("--out", type=Path, help="release folder to write")
-    p.add_argument("--targets", type=targets_arg, help="packs to include (default: bonsai,mlx,gemlite)")
+    p.add_argument("--targets", type=targets_arg,
+                   help="packs to include (default: bonsai,mlx,gemlite and mflux where mflux reads the recipe)")
+    p.add_argument("--base-pipeline", type=Path, metavar="DIR",
+                   help="a diffusers klein pipeline folder: copy its text encoder, tokenizer, VAE, scheduler and "
+                        "model_index.json in, so the release runs end to end")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")
