@@ -199,8 +199,8 @@ def _mac_use(report: dict, recipe: Recipe, parts: list[str], base_model: str) ->
     if "mlx" in targets:
         lines.append(f"- mlx-vlm {CONSUMERS['mlx-vlm-bonsai'].tested} Bonsai (`mlx_vlm.models.bonsai`) reads "
                      "`transformer-packed-mflux/` as in the published Bonsai Image snapshots "
-                     f"(bits {BITS[recipe.mode]}, group {recipe.group_size}, {recipe.scale_dtype} scales); it also needs "
-                     "`text_encoder-mlx-4bit/model.safetensors` (klein's Qwen3 text encoder "
+                     f"(bits {BITS[recipe.mode]}, group {recipe.group_size}, {recipe.scale_dtype} scales); "
+                     "it also needs `text_encoder-mlx-4bit/model.safetensors` (klein's Qwen3 text encoder "
                      "quantized by MLX to 4 bits, group 64), `tokenizer/` and `vae/`"
                      + (" (here)" if "text_encoder-mlx-4bit" in parts else
                         ": copy `text_encoder-mlx-4bit/` from a published Bonsai Image MLX snapshot"
