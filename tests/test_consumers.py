@@ -19,6 +19,7 @@ from bonsai_quant import consumers
 from bonsai_quant.convert import convert
 from bonsai_quant.describe import describe
 from bonsai_quant.errors import BonsaiError
+from bonsai_quant.packing.config import PackConfig
 from bonsai_quant.recipe import default_recipe, load_recipe
 from bonsai_quant.release import check_release, release
 from bonsai_quant.runtime import load_transformer
@@ -139,17 +140,17 @@ def test_mflux_target_refuses_binary_at_group_128(tiny_ckpt, tmp_path):
 
 def _weights(pack):
     verifier = PackVerifier(pack, None, 16, 8, 0)
-    verifier.qconfig = json.loads((pack / "quantization_config.json").read_text())
+    verifier.qconfig = PackConfig.load(pack)
     tensors = {}
     for file in pack.glob("*.safetensors"):
         tensors.update(mx.load(str(file)))
     from bonsai_quant.quantizers import dequantize
     from bonsai_quant.runtime.loader import PackReader
 
-    reader, g = PackReader(pack), verifier.qconfig["group_size"]
+    reader, g = PackReader(pack), verifier.qconfig.group_size
 
     def weight(module):
-        if module in verifier.qconfig["quantized"]:
+        if module in verifier.qconfig.quantized:
             return dequantize(*verifier.decode(module), g).numpy()
         return reader.get(f"{module}.weight").float().numpy()
 
