@@ -120,3 +120,20 @@ def _accepts(t, out: int, inp: int, mode: str, gs: int) -> bool:
     except PackError:
         return False
     return True
+
+
+NAMES_SEEN = ("time_guidance_embed.timestep_embedder.linear_1.weight", "transformer_blocks.3.attn.to_out.0.scales",
+              "single_transformer_blocks.0.attn.to_out.weight", "transformer_blocks.0.attn.to_q.biases",
+              "x_embedder.weight")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_names_translate_back(name):
+    """What a target's files call a tensor, and back (pack_check.pack_headers reads packs by diffusers name)."""
+    t = TARGETS[name]
+    stored = [t.stored_name(n) for n in NAMES_SEEN]
+    assert [t.source_name(s) for s in stored] == list(NAMES_SEEN)
+    assert len(set(stored)) == len(stored)
+    want = list(NAMES_SEEN) if name != "mflux" else [  # mflux's module names differ from diffusers' in two places
+        "time_guidance_embed.linear_1.weight", "transformer_blocks.3.attn.to_out.scales", *NAMES_SEEN[2:]]
+    assert stored == want
