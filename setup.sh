@@ -9,6 +9,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet -r requirements-cpu.txt -e ".[test]"
 # gemlite imports CUDA at import time; the tests only use its pure-torch bit packer, so no deps are needed.
 .venv/bin/python -m pip install --quiet --no-deps gemlite==0.6.0.post2
+# The Mac applications the consumer tests load our packs with. Their Linux pins want CUDA builds of mlx, so
+# they go in without dependencies beside mlx[cpu]; what they import besides is in the test extra.
+.venv/bin/python -m pip install --quiet --no-deps mlx-vlm==0.7.10 mflux==0.24.0
 if [ "${1:-}" != "--no-convert" ]; then
   .venv/bin/bonsai-quant convert --mode ternary --out out/flux2-tiny-digits-ternary --force
 fi

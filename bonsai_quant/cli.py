@@ -100,7 +100,7 @@ def cmd_repack(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .release import ALL_TARGETS, check_release, plan_release, release
+    from .release import check_release, plan_release, release
 
     if args.check is not None:
         result = check_release(args.check)
@@ -118,7 +118,7 @@ def cmd_release(args) -> int:
     if args.model is None or args.out is None:
         raise BonsaiError("release needs --model and --out (or --check FOLDER); see bonsai-quant release --help")
     recipe = recipe_from_args(args)
-    targets = args.targets or ALL_TARGETS
+    targets = args.targets  # None: release's default set for the recipe
     if args.dry_run:
         from .figures import size_text
 
@@ -130,7 +130,7 @@ def cmd_release(args) -> int:
         return 0
     result = release(args.model, recipe, args.out, targets=targets, force=args.force,
                      run_verify=not args.no_verify, base_model=args.base_model, license=args.license,
-                     verbose=not args.quiet)
+                     verbose=not args.quiet, base_pipeline=args.base_pipeline)
     from .convert import format_summary
 
     print(format_summary(result["report"], args.out))
@@ -255,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: recipes/<mode>.yaml)")
     p.add_argument("--mode", choices=("binary", "ternary"), help="override the recipe's mode")
     p.add_argument("--out", type=Path, help="release folder to write")
-    add_targets_arg(p, "bonsai,mlx,gemlite", dest="targets")
+    add_targets_arg(p, "bonsai,mlx,gemlite, and mflux where mflux reads the recipe", dest="targets")
+    p.add_argument("--base-pipeline", type=Path, metavar="DIR",
+                   help="a diffusers klein pipeline folder: copy its text encoder, tokenizer, VAE, scheduler and "
+                        "model_index.json in, so the release runs end to end")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
     p.add_argument("--check", type=Path, metavar="FOLDER", help="re-verify a downloaded release folder")
     p.add_argument("--no-verify", action="store_true", help="skip running verify on the new packs")

@@ -46,7 +46,8 @@ def default_model() -> Path:
 
 
 def quantization_config(plan: Plan, shard_bytes: int) -> dict:
-    """The pack description's JSON object; "format" is the only per-target field (PackSet fills it in)."""
+    """The pack description's JSON object; "format" and "weights" are its only per-target fields
+    (`PackConfig.for_target` fills them in)."""
     recipe = plan.recipe
     modes = sorted({d.mode for d in plan.quantized})
     return {
@@ -57,13 +58,13 @@ def quantization_config(plan: Plan, shard_bytes: int) -> dict:
         "bits": BITS[recipe.mode],
         "group_size": recipe.group_size,
         "scale_dtype": recipe.scale_dtype,
-        "weights": "model.safetensors",
+        "weights": None,
         "shard_bytes": shard_bytes,
         "quantized": {d.module: {"mode": d.mode, "bits": BITS[d.mode], "solver": d.solver, "role": d.spec.role,
                                  "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.quantized},
         "kept": {d.name: {"dtype": dtype_name(d.kept_dtype), "role": d.spec.role,
                           "shape": list(d.spec.shape), "rule": d.rule_label} for d in plan.kept},
-        "skipped_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
+        "skip_patterns": [r.pattern for r in recipe.rules if r.action == "keep"],
         "recipe": recipe.to_dict(),
         "recipe_yaml": recipe.text,
         "recipe_sha256": hashlib.sha256(recipe.text.encode()).hexdigest(),
@@ -108,11 +109,13 @@ def convert(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
 
 
 def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 verbose: bool = False, calib=None, calib_device: str = "cpu",
-                 extra_config: dict | None = None) -> dict:
+                 verbose: bool = False, calib=None, calib_device: str = "cpu", extra_config: dict | None = None,
+                 folder_names: dict[str, str] | None = None) -> dict:
     """The work of `convert` inside an existing (temporary) folder: packs and report.json.
 
-    `extra_config`: more top-level keys for quantization_config.json (distill records its training there)."""
+    `extra_config`: more top-level keys for quantization_config.json (distill records its training there).
+    `folder_names`: target -> the name of its pack folder (default: the target's name)."""
+    names = {t: (folder_names or {}).get(t, t) for t in plan.targets}
     echo = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     records, warnings = [], []
     stats, calibration = _calibration_stats(checkpoint, plan, calib, calib_device, echo)
@@ -122,7 +125,8 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
     qconfig.update(extra_config or {})
     slots = [d.slot for d in plan.decisions]
     config = PackConfig.from_dict(qconfig, "quantization_config", require_format=False)
-    with PackSet({t: folder / t for t in plan.targets}, checkpoint.config_bytes, config, slots) as packs:
+    with PackSet({t: folder / names[t] for t in plan.targets}, checkpoint.config_bytes, config,
+                 slots) as packs:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                   disable=not (verbose and sys.stderr.isatty())) as bar:
@@ -134,7 +138,7 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
                     echo(f"warning: {warning}")
                 echo(_log_line(d, record))
                 bar.update(d.source_nbytes)
-    report = _report(checkpoint, plan, records, warnings, folder)
+    report = _report(checkpoint, plan, records, warnings, folder, names)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -204,14 +208,15 @@ def _log_line(d: Decision, record: dict) -> str:
     return f"{d.name:<58} {src} --> {what:<20} shape = {record['shape']}{tail}"
 
 
-def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path) -> dict:
+def _report(checkpoint: Checkpoint, plan: Plan, records: list[dict], warnings: list[str], folder: Path,
+            names: dict[str, str]) -> dict:
     quantized = [r for r in records if r["action"] == "quantize"]
     numel = {d.name: d.spec.numel for d in plan.decisions}
     weights = sum(numel[r["name"]] for r in quantized)
     targets = {}
     for target in plan.targets:
         sizes = summarize_bytes(plan, target)
-        sizes["files_bytes"] = sum(p.stat().st_size for p in (folder / target).iterdir() if p.is_file())
+        sizes["files_bytes"] = sum(p.stat().st_size for p in (folder / names[target]).iterdir() if p.is_file())
         targets[target] = sizes
     return {
         "tool": {"name": "bonsai-quant", "version": __version__},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .consumers import CONSUMERS, layout_problems
 from .pack_check import check_pack
 from .packing.folders import pack_folders
 from .packing.targets import TARGETS
@@ -32,8 +33,17 @@ def describe(path: Path) -> list[dict]:
             "quantized_weights": weights, "quantized_bytes": quant_bytes, "kept_bytes": kept_bytes,
             "bits_per_weight": 8 * quant_bytes / weights if weights else 0.0,
             "files_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+            # consumer -> None when it loads this pack (placed as its folder), else why it does not
+            "consumers": layout_problems(config, sorted(p.name for p in folder.glob("*.safetensors"))),
         })
     return result
+
+
+def _consumer_lines(problems: dict[str, str | None]) -> list[str]:
+    loads = [f"{n} (as <model folder>/{CONSUMERS[n].folder}/)" for n, why in problems.items() if why is None]
+    lines = [f"  layouts satisfied: {', '.join(loads) if loads else 'none of the Mac applications'}"]
+    lines += [f"  not for {n}: {why}" for n, why in problems.items() if why is not None]
+    return lines
 
 
 def format_description(info: list[dict]) -> str:
@@ -48,4 +58,5 @@ def format_description(info: list[dict]) -> str:
                   f"  {p['kept_tensors']} kept tensors ({p['kept_bytes']:,} bytes); {p['files_bytes']:,} bytes on disk"]
         if p.get("skip_patterns"):
             lines.append(f"  skip_patterns: {', '.join(p['skip_patterns'])}")
+        lines += _consumer_lines(p["consumers"])
     return "\n".join(lines)

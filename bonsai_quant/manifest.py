@@ -45,7 +45,11 @@ def _digest_file(path: Path) -> tuple[str, dict[str, str]]:
 def _files(folder: Path) -> list[Path]:
     """Every file under folder but its own manifest (a release lists its packs' manifests too)."""
     own = folder / MANIFEST_NAME
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p != own)
+    # Ordered by the relative path as text, the order check_manifest reads the files in: where two packs hold a
+    # tensor of the same name, the entry of the last one is kept, so writer and checker must agree on which
+    # is last (Path order puts `transformer/` before `transformer-packed-mflux/`, text order after).
+    return sorted((p for p in folder.rglob("*") if p.is_file() and p != own),
+                  key=lambda p: p.relative_to(folder).as_posix())
 
 
 def _manifest_text(manifest: dict) -> str:

@@ -19,7 +19,7 @@ from .errors import PackError
 from .flux2 import TensorSpec, check_size, inventory, read_config
 from .manifest import MANIFEST_NAME, check_manifest
 from .packing.config import PackConfig
-from .packing.folders import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from .packing.folders import CONFIG_NAME
 from .packing.targets import target as registered
 
 # The fewest bits a pack stores per weight (bonsai binary codes; kept tensors take 16 or more): a config.json
@@ -48,6 +48,14 @@ class Pack:
         return self.qconfig.scale_dtype
 
 
+def pack_headers(folder: Path, fmt: str) -> dict[str, TensorInfo]:
+    """The headers of a `fmt` pack's safetensors, keyed by diffusers tensor name; each `TensorInfo.name` is the
+    name as stored (mflux packs rename a few tensors)."""
+    target = registered(fmt, lambda what: PackError(f"{Path(folder) / CONFIG_NAME}: {what}"), "format")
+    headers = read_folder_headers(Path(folder), target.weights_name, target.index_name, PackError)
+    return {target.source_name(name): info for name, info in headers.items()}
+
+
 def check_pack(folder: Path) -> Pack:
     """The pack's structure: quantization_config.json against config.json's architecture, and every tensor of
     the safetensors against the layout that implies (names, dtypes, shapes; nothing missing, nothing extra)."""
@@ -59,13 +67,14 @@ def check_pack(folder: Path) -> Pack:
         return PackError(f"{path}: {what}")
 
     config = read_config(folder / "config.json")
-    headers = read_folder_headers(folder, WEIGHTS_NAME, INDEX_NAME, PackError)
+    single, index = registered(q.format).weights_name, registered(q.format).index_name
+    headers = pack_headers(folder, q.format)
     used = {info.file.name for info in headers.values()}
-    if not (folder / INDEX_NAME).exists():
-        used.add(WEIGHTS_NAME)
+    if not (folder / index).exists():
+        used.add(single)
     for stray in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in used):
-        raise PackError(f"{folder / stray}: a safetensors file the pack does not use (neither {WEIGHTS_NAME} nor a "
-                        f"shard listed in {INDEX_NAME}); valid: remove it")
+        raise PackError(f"{folder / stray}: a safetensors file the pack does not use (neither {single} nor a "
+                        f"shard listed in {index}); valid: remove it")
     source = str(folder / "config.json")
     check_size(config, sum(info.nbytes for info in headers.values()), MIN_BITS_PER_WEIGHT, source)
     specs = inventory(config, source)

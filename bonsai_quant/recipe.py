@@ -22,6 +22,7 @@ from .errors import RecipeError
 from .packing.formats import GROUP_SIZES, MODES, RECIPE_KEPT_DTYPES
 from .packing.formats import SCALE_DTYPE_NAMES as SCALE_DTYPES
 from .packing.targets import NAMES as TARGETS
+from .packing.targets import target as registered
 from .quantizers.solvers import DEFAULT_SOLVERS
 from .quantizers.solvers import MODE_SOLVERS as SOLVERS
 
@@ -232,12 +233,16 @@ class _Parser:
             group_size = self.integer(node, "group_size", valid)
             if group_size not in GROUP_SIZES:
                 raise self.fail(node, "group_size", f"unsupported group size {group_size}", valid)
-        scale_dtype = self.optional_choice(fields, "scale_dtype", SCALE_DTYPES, "float16", "scale dtype")
+        targets = self.targets(fields["targets"]) if "targets" in fields else DEFAULT_TARGETS
+        # bf16 where any target's consumers hold bf16 scales (`Target.default_scale_dtype`): they then load
+        # exactly what was quantized.
+        wanted = {registered(t).default_scale_dtype for t in targets}
+        default_scale = "bfloat16" if "bfloat16" in wanted else "float16"
+        scale_dtype = self.optional_choice(fields, "scale_dtype", SCALE_DTYPES, default_scale, "scale dtype")
         kept_dtype = self.optional_choice(fields, "kept_dtype", KEPT_DTYPES, "source", "kept dtype")
         solver = DEFAULT_SOLVERS[mode]
         if "solver" in fields:
             solver = self.solver(fields["solver"], "solver", mode, mode_note)
-        targets = self.targets(fields["targets"]) if "targets" in fields else DEFAULT_TARGETS
         calibration, calibration_line = None, 0
         if "calibration" in fields:
             calibration = self.string(fields["calibration"], "calibration",

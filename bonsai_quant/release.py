@@ -2,6 +2,11 @@
 
 Everything written is a function of (checkpoint, recipe, options): no dates, timings or absolute paths, so two
 runs give byte-identical folders and a published manifest can be re-derived by anyone.
+
+The folder is laid out as the published Bonsai Image MLX snapshots, so the Mac applications load it as they
+load those: the MLX pack is `transformer-packed-mflux/` (mlx-vlm's Bonsai loader), the mflux pack is
+`transformer/` (mflux, and mlx-vlm's FLUX.2 loader). `--base-pipeline` adds the rest of a klein pipeline (text
+encoder, tokenizer, VAE, scheduler, model_index.json) so that the folder runs end to end.
 """
 
 from __future__ import annotations
@@ -15,39 +20,95 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import Checkpoint
 from .convert import DEFAULT_SHARD_BYTES, convert_into, planned_bytes
+from .errors import BonsaiError
 from .figures import size_text
 from .manifest import check_manifest, write_manifest
 from .output import atomic_output, check_free_space
+from .packing.formats import MODE_BITS as BITS
 from .packing.targets import NAMES, TARGETS
 from .plan import make_plan, summarize_bytes
 from .recipe import Recipe
 from .verify import verify
 
-# Distribution packs first, then the runtime packs in the registry's order: bonsai, mlx, gemlite.
+# Distribution packs first, then the runtime packs in the registry's order: bonsai, mlx, gemlite, mflux.
 ALL_TARGETS = tuple(sorted(NAMES, key=lambda name: TARGETS[name].runtime))
+# target -> its folder in a release: the published snapshot's names where a consumer looks for them.
+FOLDERS = {name: TARGETS[name].folder for name in ALL_TARGETS}
+# What --base-pipeline copies from a diffusers klein pipeline folder (never its transformer/): required, then
+# taken when present (a published Bonsai snapshot also has the 4-bit MLX text encoder its loader reads).
+PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "vae")
+OPTIONAL_PIPELINE_PARTS = ("text_encoder-mlx-4bit",)
 
 
-def plan_release(model: Path, recipe: Recipe, targets: tuple[str, ...] = ALL_TARGETS) -> dict:
+def default_targets(recipe: Recipe) -> tuple[str, ...]:
+    """Every target the recipe can be written to: those whose consumers read the recipe's layers (mflux: not
+    binary at group sizes other than 64)."""
+    modes = sorted({recipe.mode, *(r.mode for r in recipe.rules if r.mode)})
+
+    def readable(name: str) -> bool:
+        try:
+            for mode in modes:
+                TARGETS[name].check_readable(mode, recipe.group_size)
+        except BonsaiError:
+            return False
+        return True
+
+    return tuple(t for t in ALL_TARGETS if readable(t))
+
+
+def check_base_pipeline(folder: Path) -> list[str]:
+    """The parts of a klein pipeline folder that --base-pipeline copies; an error naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BonsaiError(f"--base-pipeline {folder}: not a folder; valid: a diffusers FLUX.2 klein pipeline "
+                          f"folder holding {', '.join(PIPELINE_PARTS)}")
+    missing = [p for p in PIPELINE_PARTS if not (folder / p).exists()]
+    if missing:
+        raise BonsaiError(f"--base-pipeline {folder}: no {', '.join(missing)}; valid: a diffusers FLUX.2 klein "
+                          f"pipeline folder holding {', '.join(PIPELINE_PARTS)} (its transformer/ is not used)")
+    return [*PIPELINE_PARTS, *(p for p in OPTIONAL_PIPELINE_PARTS if (folder / p).exists())]
+
+
+def _copy_part(source: Path, dest: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, dest, symlinks=False)  # a Hugging Face snapshot links into blobs/: copy content
+    else:
+        shutil.copyfile(source, dest)
+
+
+def plan_release(model: Path, recipe: Recipe, targets: tuple[str, ...] | None = None) -> dict:
     """What a release would hold, from headers alone (the --dry-run)."""
+    targets = targets or default_targets(recipe)
     checkpoint = Checkpoint(model)
     plan = make_plan(checkpoint, recipe, targets)
     return {"source_bytes": checkpoint.source_bytes, "quantized": len(plan.quantized), "kept": len(plan.kept),
             "targets": {t: summarize_bytes(plan, t) for t in targets}}
 
 
-def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] = ALL_TARGETS, force: bool = False,
+def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | None = None, force: bool = False,
             run_verify: bool = True, evaluation: dict | None = None, grid: Path | None = None,
             base_model: str | None = None, license: str = "apache-2.0",
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False) -> dict:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, verbose: bool = False,
+            base_pipeline: Path | None = None) -> dict:
     """`base_model` (the model card's Hugging Face id) defaults to what the source says (`source_model_id`);
-    when it says nothing, the card names no base model rather than a wrong one."""
+    when it says nothing, the card names no base model rather than a wrong one. `base_pipeline`: a klein
+    pipeline folder whose text encoder, tokenizer, VAE, scheduler and model_index.json are copied in beside the
+    packs."""
     start = time.perf_counter()
+    targets = targets or default_targets(recipe)
+    parts = check_base_pipeline(base_pipeline) if base_pipeline is not None else []
     checkpoint = Checkpoint(model)
     base_model = base_model or source_model_id(checkpoint.path)
     plan = make_plan(checkpoint, recipe, targets)
+    if "mlx" in targets and summarize_bytes(plan, "mlx")["tensor_bytes"] > max_shard_bytes:
+        raise BonsaiError(f"the MLX pack holds {summarize_bytes(plan, 'mlx')['tensor_bytes']:,} bytes, more than "
+                          f"the shard limit {max_shard_bytes:,}: the Bonsai layout (transformer-packed-mflux/) is "
+                          "one diffusion_pytorch_model.safetensors; valid: a larger shard limit")
     check_free_space(Path(out).parent, planned_bytes(plan), "the release")
-    with atomic_output(Path(out), force=force, sources=(model,)) as tmp:
-        report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose)
+    with atomic_output(Path(out), force=force, sources=(model, *([base_pipeline] if parts else []))) as tmp:
+        report = convert_into(tmp, checkpoint, plan, max_shard_bytes, verbose, folder_names=FOLDERS)
+        for part in parts:
+            _copy_part(Path(base_pipeline) / part, tmp / part)
         (tmp / "recipe.yaml").write_text(recipe.text)
         checks = verify(tmp, reproducible=True) if run_verify else None
         if checks is not None:
@@ -61,22 +122,24 @@ def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] = A
         if grid is not None:
             shutil.copyfile(grid, tmp / "samples.png")
         (tmp / "README.md").write_text(model_card(report, recipe, checks, evaluation, grid is not None,
-                                                  base_model, license))
+                                                  base_model, license, parts))
         write_manifest(tmp)
     report["seconds"] = round(time.perf_counter() - start, 3)  # after writing: the folder has no timings
     return {"report": report, "verify": checks}
 
 
-# What a release folder holds besides its pack folders (ALL_TARGETS).
+# What a release folder holds besides its pack folders (FOLDERS) and the parts of a base pipeline.
 RELEASE_FILES = ("README.md", "recipe.yaml", "report.json", "verify.json", "eval.json", "samples.png", "manifest.json")
 
 
 def check_release(folder: Path) -> dict:
     """Re-verify a downloaded release: its manifest first, then every pack."""
     folder = Path(folder)
-    problems = [f"{p}: not part of a release folder (it holds {', '.join(RELEASE_FILES)} and the pack folders "
-                f"{', '.join(ALL_TARGETS)}/)" for p in sorted(folder.iterdir())
-                if not (p.name in RELEASE_FILES and p.is_file() or p.name in ALL_TARGETS and p.is_dir())]
+    files = (*RELEASE_FILES, "model_index.json")
+    folders = (*FOLDERS.values(), *(p for p in (*PIPELINE_PARTS, *OPTIONAL_PIPELINE_PARTS) if p not in files))
+    problems = [f"{p}: not part of a release folder (it holds {', '.join(files)}, the pack folders "
+                f"{', '.join(FOLDERS.values())}/ and a base pipeline's parts)" for p in sorted(folder.iterdir())
+                if not (p.name in files and p.is_file() or p.name in folders and p.is_dir())]
     problems += check_manifest(folder)
     if problems:
         return {"ok": False, "manifest": problems, "packs": []}
@@ -102,7 +165,7 @@ def source_model_id(path: Path) -> str | None:
 
 
 def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: dict | None, has_grid: bool,
-               base_model: str | None, license: str) -> str:
+               base_model: str | None, license: str, pipeline_parts: list[str] = ()) -> str:
     mode = recipe.mode
     front = ["---", f"license: {license}", *([f"base_model: {base_model}", "base_model_relation: quantized"]
                                              if base_model else []),
@@ -121,7 +184,7 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
              "| pack | for | size | bits/weight (quantized layers) | reduction |", "| --- | --- | --- | --- | --- |",
              f"| source (`{report['source']['name']}`) | 16-bit | {size_text(report['source']['bytes'])} | 16 | 1.0x |"]
     for target, t in report["targets"].items():
-        lines.append(f"| `{target}/` | {TARGETS[target].role} | {size_text(t['files_bytes'])} | "
+        lines.append(f"| `{FOLDERS[target]}/` | {TARGETS[target].role} | {size_text(t['files_bytes'])} | "
                      f"{t['bits_per_weight']:.3f} | {report['source']['bytes'] / t['files_bytes']:.1f}x |")
     lines += ["", "Sizes are decimal units (1 MB = 10^6 bytes) of the files in each folder; every file's size and "
               "sha256 is in `manifest.json`.", ""]
@@ -143,12 +206,40 @@ def model_card(report: dict, recipe: Recipe, checks: dict | None, evaluation: di
         if has_grid:
             lines += ["![samples](samples.png)", ""]
     lines += ["## Use", "", "```python", "import torch", "from bonsai_quant import load_transformer",
-              "transformer = load_transformer(\"path/to/this/folder\")  # gemlite on CUDA when installed, else the "
-              "reference runtime", "```", "", "On a Mac, the `mlx/` folder loads with `mlx.nn.QuantizedLinear` "
-              f"(group size {recipe.group_size}); `bonsai-quant repack bonsai --target mlx --out mlx-pack` (or "
-              "`--target gemlite`) rebuilds either runtime pack from the compact one, byte for byte.", "",
-              "Check a download with `bonsai-quant release --check <folder>`.", ""]
+              "transformer = load_transformer(\"path/to/this/folder\")  # CUDA kernels on a GPU, else the "
+              "reference runtime", "```", ""]
+    lines += _mac_use(report, recipe, pipeline_parts, base_model)
+    lines += ["`bonsai-quant repack bonsai --target mlx|gemlite|mflux --out PACK` rebuilds a runtime pack from the "
+              "compact one, byte for byte.", "", "Check a download with `bonsai-quant release --check <folder>`.", ""]
     return "\n".join(front + lines)
+
+
+def _mac_use(report: dict, recipe: Recipe, parts: list[str], base_model: str) -> list[str]:
+    """How the Mac applications load this folder, and what a user must add for those that need more."""
+    from .consumers import CONSUMERS
+
+    targets = report["targets"]
+    lines = ["On a Mac (the packages and versions these packs are tested with):", ""]
+    if "mlx" in targets:
+        lines.append(f"- mlx-vlm {CONSUMERS['mlx-vlm-bonsai'].tested} Bonsai (`mlx_vlm.models.bonsai`) reads "
+                     "`transformer-packed-mflux/` as in the published Bonsai Image snapshots "
+                     f"(bits {BITS[recipe.mode]}, group {recipe.group_size}, {recipe.scale_dtype} scales); "
+                     "it also needs `text_encoder-mlx-4bit/model.safetensors` (klein's Qwen3 text encoder "
+                     "quantized by MLX to 4 bits, group 64), `tokenizer/` and `vae/`"
+                     + (" (here)" if "text_encoder-mlx-4bit" in parts else
+                        ": copy `text_encoder-mlx-4bit/` from a published Bonsai Image MLX snapshot"
+                        + ("" if parts else " and the rest from the base model (`--base-pipeline`)")) + ".")
+    if "mflux" in targets:
+        lines.append(f"- mflux {CONSUMERS['mflux'].tested} and mlx-vlm's FLUX.2 loader read `transformer/` (mflux's "
+                     "saved format): this folder is an mflux model folder"
+                     + (" and runs as it is." if parts else
+                        f" once `{'/`, `'.join(PIPELINE_PARTS[2:])}/` of {base_model} "
+                        "are added (`bonsai-quant release --base-pipeline` copies them)."))
+    elif "mlx" in targets:
+        lines.append("- mflux reads 1-bit layers only at group size 64: no `transformer/` here; the recipe "
+                     "`binary-mflux.yaml` makes one.")
+    lines.append("")
+    return lines
 
 
 def _step_cell(step: dict) -> str:

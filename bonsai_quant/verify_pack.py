@@ -23,7 +23,7 @@ from .flux2 import model_kwargs
 from .manifest import check_manifest
 from .pack_check import check_pack
 from .packing.config import PackConfig, dtype_named
-from .packing.folders import CONFIG_NAME, INDEX_NAME
+from .packing.folders import CONFIG_NAME
 from .packing.formats import KEPT_DTYPES, MODE_BITS, SCALE_DTYPES
 from .packing.packset import pack_layout, slots_from_config
 from .packing.targets import TARGETS
@@ -142,7 +142,8 @@ class PackVerifier:
         self.config = pack.config
         q.check_layout_fields()
         layout = pack_layout(q.format, q, slots_from_config(q, pack.specs))
-        files = {s.file for s in layout} | ({INDEX_NAME} if len(layout) > 1 else set())
+        index = TARGETS[q.format].index_name
+        files = {s.file for s in layout} | ({index} if len(layout) > 1 else set())
         strangers = sorted(p.name + ("/" if p.is_dir() else "") for p in self.folder.iterdir()
                            if p.name not in files and p.name not in PACK_FILES)
         if strangers:
@@ -167,8 +168,8 @@ class PackVerifier:
         if len(layout) > 1:
             from .checkpoint import index_text
 
-            if (self.folder / INDEX_NAME).read_text(errors="replace") != index_text(layout):
-                _fail(f"{self.folder / INDEX_NAME}: differs from the index of this pack's layout")
+            if (self.folder / index).read_text(errors="replace") != index_text(layout):
+                _fail(f"{self.folder / index}: differs from the index of this pack's layout")
         step.detail = f"{len(pack.headers)} tensors in {len(layout)} file(s) match"
 
     # -- step 2 -------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ class PackVerifier:
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
         fmt = self.qconfig.format
-        if fmt == "mlx":
+        if fmt in ("mlx", "mflux"):  # mflux packs hold MLX's own tensors under mflux's names
             self._mlx_layers(step)
         elif fmt == "gemlite":
             self._gemlite_layers(step)
@@ -300,18 +301,19 @@ class PackVerifier:
             arrays.update(mx.load(str(file)))
         g, worst = self.qconfig.group_size, 0.0
         rng = np.random.default_rng(self.seed)
+        stored = TARGETS[self.qconfig.format].stored_name
         for module, info in self.qconfig.quantized.items():
             w = dequantize(*self.decode(module), g).numpy()
             bits = info.bits
-            got = mx.dequantize(arrays[f"{module}.weight"], arrays[f"{module}.scales"], arrays[f"{module}.biases"],
-                                group_size=g, bits=bits)
+            weight, scales, biases = (arrays[stored(f"{module}.{s}")] for s in ("weight", "scales", "biases"))
+            got = mx.dequantize(weight, scales, biases, group_size=g, bits=bits)
             if not np.array_equal(np.array(got.astype(mx.float32)), w):
                 bad = np.argwhere(np.array(got.astype(mx.float32)) != w)[0].tolist()
                 _fail(f"{module}: mlx.core.dequantize gives {np.array(got.astype(mx.float32))[tuple(bad)]} at {bad}, "
                       f"the pack decodes to {w[tuple(bad)]}")
             out_f, in_f = info.shape
             layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=bits)
-            layer.weight, layer.scales, layer.biases = (arrays[f"{module}.{s}"] for s in ("weight", "scales", "biases"))
+            layer.weight, layer.scales, layer.biases = weight, scales, biases
             x = rng.standard_normal((4, in_f), dtype=np.float32)
             ref = x @ w.T
             err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
@@ -451,9 +453,46 @@ class PackVerifier:
         _gate(err, MLX_E2E_BOUND, "MLX transformer forward differs from the torch reference")
         step.detail = f"MLX forward from the pack vs torch fp32 reference: rel error {err:.1e} (bound {MLX_E2E_BOUND})"
 
+    def consumer(self, name: str, step: Step, cache: dict) -> None:
+        from . import consumers
+
+        spec = consumers.CONSUMERS[name]
+        if consumers.installed(name) is None:
+            step.status = "skip"
+            step.detail = (f"{spec.distribution} is not installed (tested with {spec.tested}: pip install --no-deps "
+                           f"{spec.distribution}=={spec.tested})")
+            return
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        problem = consumers.layout_problems(self.qconfig, files)[name]
+        if problem is not None:
+            step.status, step.detail = "skip", f"{name} cannot load this pack: {problem}"
+            return
+        if name != "mlx-vlm-bonsai":
+            cache.setdefault("inputs", self.inputs())
+            cache.setdefault("reference", self.reference_output(cache["inputs"]))
+            inputs = {k: v.numpy() for k, v in cache["inputs"].items()}
+            step.detail, step.data = consumers.check_forward(name, self.folder, self.config, inputs,
+                                                             cache["reference"].numpy())
+            return
+        import mlx.core as mx
+
+        arrays, stored, g = {}, TARGETS[self.qconfig.format].stored_name, self.qconfig.group_size
+        for file in files:
+            arrays.update(mx.load(str(self.folder / file)))
+        reader = PackReader(self.folder)
+
+        def weight(module: str) -> np.ndarray:
+            if module in self.qconfig.quantized:
+                return dequantize(*self.decode(module), g).numpy()
+            return reader.get(f"{module}.weight").float().numpy()
+
+        step.detail, step.data = consumers.check_bonsai(self.folder, self.config, self.qconfig, weight,
+                                                        lambda n: arrays[stored(n)], self.seed)
+
     def run(self) -> list[Step]:
         steps: list[Step] = []
         cache: dict = {}
+        from .consumers import CONSUMERS
 
         def e2e(step):
             cache.setdefault("inputs", self.inputs())
@@ -470,7 +509,8 @@ class PackVerifier:
 
         for name, fn in (("integrity", self.integrity), ("exactness", self.exactness),
                          ("runtime", self.real_runtime), ("cuda-runtime", self.cuda_runtime), ("end-to-end", e2e),
-                         ("mlx-end-to-end", mlx_e2e)):
+                         ("mlx-end-to-end", mlx_e2e),
+                         *((name, lambda step, n=name: self.consumer(n, step, cache)) for name in CONSUMERS)):
             step = Step(name)
             start = time.perf_counter()
             try:

@@ -216,7 +216,7 @@ def test_convert_with_a_calibrated_solver(tmp_path, small_set, digits_model, cap
     assert "no calibration set was given; valid: --calib SET" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "a"), "--calib", str(small_set.path)]) == 0
     assert main([*args, "--out", str(tmp_path / "b"), "--calib", str(small_set.path)]) == 0
-    a, b = (tmp_path / p / "mlx" / "model.safetensors" for p in "ab")
+    a, b = (tmp_path / p / "mlx" / "diffusion_pytorch_model.safetensors" for p in "ab")
     assert a.read_bytes() == b.read_bytes()  # calibrated solvers are deterministic too
     qc = json.loads((tmp_path / "a" / "mlx" / "quantization_config.json").read_text())
     assert qc["calibration"]["set"] == "small" and qc["calibration"]["tensors"] == {"diag": 1, "hessian": 27}

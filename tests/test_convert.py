@@ -15,6 +15,7 @@ from bonsai_quant.cli import main
 from bonsai_quant.convert import convert
 from bonsai_quant.errors import BonsaiError, OutputExistsError, RecipeError
 from bonsai_quant.packing import gemlite as gemlite_pack
+from bonsai_quant.packing.folders import index_name
 from bonsai_quant.quantizers import dequantize, quantize
 from bonsai_quant.recipe import default_recipe, parse_recipe
 
@@ -51,7 +52,7 @@ def test_report_and_folder_layout(converted, tiny_ckpt):
                         ("gemlite", {"binary": 1.25, "ternary": 2.125}[mode] + overhead)):
         folder = out / target
         assert (folder / "config.json").read_bytes() == (tiny_ckpt / "config.json").read_bytes()
-        assert (folder / "model.safetensors.index.json").exists()  # 1 MB shards force sharding
+        assert (folder / index_name(target)).exists()  # 1 MB shards force sharding
         qc = json.loads((folder / "quantization_config.json").read_text())
         assert (qc["format"], qc["mode"], qc["bits"], qc["group_size"]) == (target, mode, {"binary": 1, "ternary": 2}[mode], 128)
         assert len(qc["quantized"]) == 28 and len(qc["kept"]) == 21
@@ -73,7 +74,7 @@ def test_mlx_pack_decodes_in_real_mlx_to_the_quantized_weights(converted, tiny_c
     for name in ("transformer_blocks.1.ff.linear_in.weight", "single_transformer_blocks.0.attn.to_out.weight",
                  "transformer_blocks.0.attn.to_add_out.weight"):
         module = name.removesuffix(".weight")
-        q = quantize(ckpt.load(name), mode, GROUP, torch.float16, solver)
+        q = quantize(ckpt.load(name), mode, GROUP, torch.bfloat16, solver)
         got = mx.dequantize(packed[f"{module}.weight"], packed[f"{module}.scales"], packed[f"{module}.biases"],
                             group_size=GROUP, bits=bits)
         expected = dequantize(q.codes, q.scales, GROUP)
@@ -98,7 +99,7 @@ def test_gemlite_pack_unpacks_to_the_quantized_codes(converted, tiny_ckpt):
     module = name.removesuffix(".weight")
     tensors = {k.removeprefix(module + "."): v for k, v in pack.items() if k.startswith(module + ".")}
     codes, scales = gemlite_pack.unpack(tensors, mode, GROUP)
-    q = quantize(ckpt.load(name), mode, GROUP, torch.float16, {"binary": "absmean", "ternary": "optimal"}[mode])
+    q = quantize(ckpt.load(name), mode, GROUP, torch.bfloat16, {"binary": "absmean", "ternary": "optimal"}[mode])
     assert torch.equal(codes, q.codes) and torch.equal(scales, q.scales)
 
 
@@ -117,7 +118,7 @@ def test_existing_output_is_refused_then_replaced_with_force(tiny_ckpt, tmp_path
         convert(tiny_ckpt, default_recipe("binary"), out, verbose=False)
     assert (out / "precious.txt").read_text() == "keep me"
     convert(tiny_ckpt, default_recipe("binary"), out, force=True, verbose=False)
-    assert not (out / "precious.txt").exists() and (out / "mlx" / "model.safetensors").exists()
+    assert not (out / "precious.txt").exists() and (out / "mlx" / "diffusion_pytorch_model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -185,7 +186,7 @@ def test_cli_convert_plan_inspect(tiny_ckpt, tmp_path, capsys):
     assert f"error: {out}: already exists; pass --force to replace it" in capsys.readouterr().err
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "mlx pack, binary (1-bit slots), group 128, float16 scales" in text
+    assert "mlx pack, binary (1-bit slots), group 128, bfloat16 scales" in text
     assert "28 quantized tensors (5,111,808 weights, 798,720 bytes, 1.250 bits/weight)" in text
     assert main(["plan", "--model", str(tiny_ckpt), "--mode", "ternary"]) == 0
     text = capsys.readouterr().out

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from bonsai_quant.convert import convert  # noqa: E402
 from bonsai_quant.errors import BonsaiError  # noqa: E402
-from bonsai_quant.packing import bonsai, gemlite, mlx  # noqa: E402
+from bonsai_quant.packing import bonsai, gemlite, mflux, mlx  # noqa: E402
 from bonsai_quant.recipe import default_recipe  # noqa: E402
 from bonsai_quant.runtime import load_transformer  # noqa: E402
 from bonsai_quant.runtime.cuda import choose_backend, dispatch, emulate, layout, ops  # noqa: E402
@@ -27,8 +27,9 @@ from bonsai_quant.runtime.cuda.linear import CudaPackedLinear  # noqa: E402
 from bonsai_quant.runtime.packed_linear import LAYOUT_BUFFERS, PackedLinear  # noqa: E402
 from tests.pack_helpers import make_codes  # noqa: E402
 
-PACKERS = {"mlx": mlx, "gemlite": gemlite, "bonsai": bonsai}
-CASES = [(fmt, mode) for fmt in PACKERS for mode in ("binary", "ternary")]
+PACKERS = {"mlx": mlx, "gemlite": gemlite, "bonsai": bonsai, "mflux": mflux}
+# mflux reads binary only at group 64, and the CUDA backend runs group 128 only.
+CASES = [(fmt, mode) for fmt in PACKERS for mode in ("binary", "ternary") if (fmt, mode) != ("mflux", "binary")]
 BITS = {"binary": 1, "ternary": 2}
 
 
@@ -51,7 +52,7 @@ def _weights(fmt: str, mode: str, out: int = 48, inn: int = 384, seed: int = 0):
 def test_every_pack_format_decodes_to_its_codes_and_scales(fmt, mode):
     codes, scales, tensors, w = _weights(fmt, mode)
     want = {"mlx": "bits1" if mode == "binary" else "bits2", "gemlite": "bits1" if mode == "binary" else "bits2",
-            "bonsai": "bits1" if mode == "binary" else "trits"}[fmt]
+            "bonsai": "bits1" if mode == "binary" else "trits", "mflux": "bits2"}[fmt]
     assert w.encoding == want
     assert torch.equal(layout.codes_of(w), codes)
     assert torch.equal(w.scales.t().view(torch.int16), scales.view(torch.int16))

@@ -103,7 +103,7 @@ def test_repack_force_never_replaces_its_source(packs, tmp_path, capsys, where):
 
 def _reseal(folder: Path, edit) -> None:
     """Edit tensor values in place (the header stays byte-identical) and reseal the manifest."""
-    file = folder / "model.safetensors"
+    (file,) = folder.glob("*.safetensors")
     tensors = load_file(str(file))
     edit(tensors)
     header = read_header(file)
@@ -233,9 +233,9 @@ def test_resealed_metadata_change_is_caught(packs, tmp_path):
     file = folder / "model.safetensors"
     data = file.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    old = b'"producer":"bonsai-quant '
+    old = b'"bonsai_producer":"bonsai-quant '
     assert data[8:8 + n].count(old) == 1
-    file.write_bytes(data.replace(old, b'"producer":"bonsai-quanT ', 1))  # same length: the data stays in place
+    file.write_bytes(data.replace(old, b'"bonsai_producer":"bonsai-quanT ', 1))  # same length: the data stays in place
     (folder / "manifest.json").unlink()
     write_manifest(folder)
     steps = verify(folder)["packs"][0]["steps"]

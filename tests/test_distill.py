@@ -173,9 +173,12 @@ def test_distilled_packs_pass_verify_also_against_the_saved_checkpoint(distilled
 def test_release_from_the_saved_checkpoint_and_grid_recipe_gives_the_same_packs(distilled, tmp_path):
     assert run_cli("release", "--model", distilled / "checkpoint", "--recipe", distilled / "recipe.yaml",
                    "--out", tmp_path / "rel", "--quiet") == 0
+    from bonsai_quant.packing.folders import weights_name
+    from bonsai_quant.release import FOLDERS
+
     for target in ("mlx", "gemlite"):
-        assert (tmp_path / "rel" / target / "model.safetensors").read_bytes() == \
-            (distilled / target / "model.safetensors").read_bytes()
+        assert (tmp_path / "rel" / FOLDERS[target] / weights_name(target)).read_bytes() == \
+            (distilled / target / weights_name(target)).read_bytes()
 
 
 def test_distilled_pack_scores_what_the_student_scored(distilled):
@@ -210,7 +213,7 @@ def _cli(*args) -> list[str]:
 
 
 def _pack_tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "mlx" / "model.safetensors"))
+    return load_file(str(out / "mlx" / "diffusion_pytorch_model.safetensors"))
 
 
 def test_a_killed_run_resumes_and_finishes_with_the_uninterrupted_result(tmp_path):

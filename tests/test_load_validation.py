@@ -62,9 +62,10 @@ def _edit_qconfig(folder, edit, reseal=True):
 
 
 def _edit_tensors(folder, edit):
-    tensors = load_file(str(folder / "model.safetensors"))
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(str(file))
     edit(tensors)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "mlx"})
+    save_file(tensors, str(file), metadata={"format": "mlx"})
     _reseal(folder)
 
 
@@ -99,9 +100,9 @@ def test_stale_manifest_is_refused(mlx):
     (lambda t: t.update({"proj_out.weight": t["proj_out.weight"].float()}),
      "tensor 'proj_out.weight' is torch.float32[64, 256], expected torch.bfloat16[64, 256]"),
     (lambda t: t.update({f"{Q}.scales": t[f"{Q}.scales"][:128].clone()}),
-     f"tensor '{Q}.scales' is torch.float16[128, 2], expected torch.float16[256, 2]"),
+     f"tensor '{Q}.scales' is torch.bfloat16[128, 2], expected torch.bfloat16[256, 2]"),
     (lambda t: t.update({"lora.weight": torch.zeros(2)}),
-     "tensor 'lora.weight' in model.safetensors is not described by quantization_config.json"),
+     "tensor 'lora.weight' in diffusion_pytorch_model.safetensors is not described by quantization_config.json"),
     (lambda t: t.pop(f"{Q}.biases"), f"tensor '{Q}.biases' is missing from the pack's safetensors"),
 ])
 def test_tensors_against_the_config_are_checked_before_loading(mlx, edit, message):
@@ -203,7 +204,7 @@ def test_config_json_far_larger_than_the_pack_is_refused_before_building(mlx):
 def test_pack_index_entry_outside_the_folder_is_refused(sharded, tmp_path, where):
     pack = tmp_path / "mlx"
     shutil.copytree(sharded, pack)
-    index_path = pack / "model.safetensors.index.json"
+    index_path = pack / "diffusion_pytorch_model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     shutil.move(pack / first, tmp_path / first)
@@ -265,7 +266,7 @@ def test_mlx_runtime_refuses_an_index_entry_outside_the_folder(sharded, tmp_path
 
     pack = tmp_path / "mlx"
     shutil.copytree(sharded, pack)
-    index_path = pack / "model.safetensors.index.json"
+    index_path = pack / "diffusion_pytorch_model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     shutil.move(pack / first, tmp_path / first)

@@ -122,7 +122,7 @@ def _fake_quantized_reference(ckpt, pack):
 
 def test_pack_forward_matches_fake_quantized_diffusers(mlx_pack, tiny_ckpt):
     mode, pack = mlx_pack
-    assert (pack / "model.safetensors.index.json").exists() == (mode == "binary")
+    assert (pack / "diffusion_pytorch_model.safetensors.index.json").exists() == (mode == "binary")
     inputs = _inputs(preset_config("tiny"), seed=1)
     ref = _torch_forward(_fake_quantized_reference(tiny_ckpt, pack), inputs)
     assert pack_relative_error(pack, inputs, ref) < FP32_BOUND
@@ -182,15 +182,15 @@ def test_pack_missing_a_tensor_names_it(tmp_path, mlx_pack):
     broken = tmp_path / "broken"
     shutil.copytree(pack, broken)
     if mode == "binary":  # sharded: drop a whole shard
-        index = json.loads((broken / "model.safetensors.index.json").read_text())
+        index = json.loads((broken / "diffusion_pytorch_model.safetensors.index.json").read_text())
         shard = sorted(set(index["weight_map"].values()))[-1]
         (broken / shard).unlink()
         with pytest.raises(PackError, match=f"{shard}: weights file not found"):
             load_mlx_transformer(broken)
     else:
-        tensors = mx.load(str(broken / "model.safetensors"))
+        tensors = mx.load(str(broken / "diffusion_pytorch_model.safetensors"))
         del tensors["transformer_blocks.1.attn.to_k.scales"]
-        mx.save_safetensors(str(broken / "model.safetensors"), tensors)
-        with pytest.raises(PackError, match="model.safetensors: missing tensor "
+        mx.save_safetensors(str(broken / "diffusion_pytorch_model.safetensors"), tensors)
+        with pytest.raises(PackError, match="diffusion_pytorch_model.safetensors: missing tensor "
                                             "'transformer_blocks.1.attn.to_k.scales'"):
             load_mlx_transformer(broken)

@@ -45,13 +45,13 @@ def same_bits16(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_registry_names_and_contract():
-    assert NAMES == ("mlx", "gemlite", "bonsai")
+    assert NAMES == ("mlx", "gemlite", "bonsai", "mflux")
     for name, t in TARGETS.items():
         assert t.name == name and t.packer.__name__ == f"bonsai_quant.packing.{name}"
         assert set(t.buffers) <= set(t.suffixes) and len(set(t.suffixes)) == len(t.suffixes)
         for attr in ("layout", "pack", "unpack", "decode_rows"):
             assert callable(getattr(t.packer, attr)), (name, attr)
-    with pytest.raises(PackError, match=r"unknown target 'gguf'; valid: mlx, gemlite, bonsai"):
+    with pytest.raises(PackError, match=r"unknown target 'gguf'; valid: mlx, gemlite, bonsai, mflux"):
         target("gguf")
 
 
@@ -106,7 +106,34 @@ def test_decode_rows_is_exactly_codes_times_scales(name):
                                        ("ternary", 5)])
 @pytest.mark.parametrize("at", [(1, 5), (0, 200)])
 def test_codes_outside_alphabet(name, mode, bad, at):
+    # the largest group size the target takes for these layers (mflux: binary only at 64)
+    gs = next(g for g in (128, 64) if _accepts(TARGETS[name], 2, 256, mode, g))
     codes = full_codes(2, 256)
     codes[at] = bad
     with pytest.raises(PackError, match=rf"codes for mode '{mode}' must be .*found {bad} at \[{at[0]}, {at[1]}\]"):
-        TARGETS[name].pack(codes, full_scales(2, 2), mode, 128)
+        TARGETS[name].pack(codes, full_scales(2, 256 // gs), mode, gs)
+
+
+def _accepts(t, out: int, inp: int, mode: str, gs: int) -> bool:
+    try:
+        t.layout(out, inp, mode, gs, torch.float16)
+    except PackError:
+        return False
+    return True
+
+
+NAMES_SEEN = ("time_guidance_embed.timestep_embedder.linear_1.weight", "transformer_blocks.3.attn.to_out.0.scales",
+              "single_transformer_blocks.0.attn.to_out.weight", "transformer_blocks.0.attn.to_q.biases",
+              "x_embedder.weight")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_names_translate_back(name):
+    """What a target's files call a tensor, and back (pack_check.pack_headers reads packs by diffusers name)."""
+    t = TARGETS[name]
+    stored = [t.stored_name(n) for n in NAMES_SEEN]
+    assert [t.source_name(s) for s in stored] == list(NAMES_SEEN)
+    assert len(set(stored)) == len(stored)
+    want = list(NAMES_SEEN) if name != "mflux" else [  # mflux's module names differ from diffusers' in two places
+        "time_guidance_embed.linear_1.weight", "transformer_blocks.3.attn.to_out.scales", *NAMES_SEEN[2:]]
+    assert stored == want

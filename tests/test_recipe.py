@@ -79,7 +79,7 @@ def test_inventory_matches_diffusers():
 def test_shipped_recipe_keeps_exactly_the_published_set(mode, solver):
     recipe = default_recipe(mode)
     assert (recipe.name, recipe.mode, recipe.solver, recipe.group_size) == (f"bonsai-{mode}", mode, solver, 128)
-    assert (recipe.scale_dtype, recipe.kept_dtype, recipe.targets) == ("float16", "source", ("mlx", "gemlite"))
+    assert (recipe.scale_dtype, recipe.kept_dtype, recipe.targets) == ("bfloat16", "source", ("mlx", "gemlite"))
     assert all(r.action == "keep" for r in recipe.rules)
     assert kept_by(recipe, ALL) == set(KEPT)
     recipe.check_matches(ALL)
@@ -162,9 +162,30 @@ def test_solver_for_and_mode_for():
 
 def test_defaults():
     recipe = parse_recipe("format_version: 1\nmode: ternary\n")
-    assert recipe == Recipe(name="custom", mode="ternary", group_size=128, scale_dtype="float16",
+    assert recipe == Recipe(name="custom", mode="ternary", group_size=128, scale_dtype="bfloat16",
                             kept_dtype="source", solver="optimal", targets=("mlx", "gemlite"), rules=(),
                             source="<string>", text="format_version: 1\nmode: ternary\n")
+
+
+@pytest.mark.parametrize("targets, want", [("[mlx]", "bfloat16"), ("[mflux]", "bfloat16"),
+                                           ("[gemlite, mlx]", "bfloat16"), ("[gemlite]", "float16"),
+                                           ("[bonsai, gemlite]", "float16")])
+def test_scale_dtype_defaults_to_bf16_for_mlx_consumers(targets, want):
+    """mlx-vlm holds scales in bf16, so a recipe writing an MLX-family pack defaults to bf16; others to fp16."""
+    assert parse_recipe(f"format_version: 1\nmode: binary\ntargets: {targets}\n").scale_dtype == want
+    text = f"format_version: 1\nmode: binary\ntargets: {targets}\nscale_dtype: float16\n"
+    assert parse_recipe(text).scale_dtype == "float16"
+
+
+def test_binary_mflux_recipe_is_group_64():
+    from importlib.resources import files
+
+    from bonsai_quant.recipe import load_recipe
+
+    recipe = load_recipe(files("bonsai_quant") / "recipes" / "binary-mflux.yaml")
+    assert (recipe.mode, recipe.group_size, recipe.scale_dtype, recipe.targets) == (
+        "binary", 64, "bfloat16", ("mflux", "mlx"))
+    assert kept_by(recipe, ALL) == set(KEPT)
 
 
 def test_name_defaults_to_the_file_stem(tmp_path):
@@ -246,7 +267,7 @@ ERRORS = [
     (HEAD + "kept_dtype: fp16\n", r"r\.yaml:3: kept_dtype: unknown kept dtype 'fp16'.*; valid: source, float16, "),
     (HEAD + "solver: absmin\n", r"r\.yaml:3: solver: unknown solver 'absmin' \(did you mean 'absmean'\?\); "
                                 r"valid: absmean, act-aware, gptq, grid$"),
-    (HEAD + "targets: [mlx, cuda]\n", r"r\.yaml:3: targets\[1\]: unknown target 'cuda'; valid: mlx, gemlite, bonsai$"),
+    (HEAD + "targets: [mlx, cuda]\n", r"r\.yaml:3: targets\[1\]: unknown target 'cuda'; valid: mlx, gemlite, bonsai, mflux$"),
     (HEAD + "rules:\n  - quantize: a\n    mode: int4\n", r"r\.yaml:5: rules\[0\]\.mode: unknown mode 'int4'"),
     ("format_version: 2\nmode: binary\nfuture_key: 1\n",
      r"r\.yaml:1: format_version: unsupported version 2; valid: 1$"),
@@ -256,7 +277,7 @@ ERRORS = [
     ("format_version: 1\nmode:\n", r"r\.yaml:2: mode: is empty; valid: binary, ternary$"),
     (HEAD + "name: ''\n", r"r\.yaml:3: name: is empty; valid: a non-empty string$"),
     (HEAD + "solver: ~\n", r"r\.yaml:3: solver: is empty; valid: absmean, act-aware, gptq, grid$"),
-    (HEAD + "targets: []\n", r"r\.yaml:3: targets: is empty; valid: at least one of mlx, gemlite, bonsai$"),
+    (HEAD + "targets: []\n", r"r\.yaml:3: targets: is empty; valid: at least one of mlx, gemlite, bonsai, mflux$"),
     (HEAD + "rules:\n", r"r\.yaml:3: rules: is empty; valid: "),
     (HEAD + "rules:\n  - keep: ''\n", r"r\.yaml:4: rules\[0\]\.keep: is empty; valid: a glob"),
     (HEAD + "rules:\n  - quantize:\n", r"r\.yaml:4: rules\[0\]\.quantize: is empty; valid: a glob"),

@@ -22,8 +22,9 @@ def released(tiny_ckpt, tmp_path_factory):
 
 def test_release_folder_contents(released):
     out, result = released
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bonsai", "gemlite", "manifest.json", "mlx",
-                                                     "recipe.yaml", "report.json", "verify.json"]
+    # binary at group 128: no transformer/ (mflux reads 1-bit layers only at group 64)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bonsai", "gemlite", "manifest.json", "recipe.yaml",
+                                                     "report.json", "transformer-packed-mflux", "verify.json"]
     assert result["verify"]["ok"]
     manifest = json.loads((out / "manifest.json").read_text())
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
@@ -44,7 +45,7 @@ def test_model_card(released):
     bonsai_bytes = result["report"]["targets"]["bonsai"]["files_bytes"]
     assert f"| `bonsai/` | compact distribution (repack to a runtime layout) | {bonsai_bytes / 1e6:.2f} MB | 1.125 |" \
         in card
-    assert "| `mlx/` | pass | pass | pass (" in card
+    assert "| `transformer-packed-mflux/` | pass | pass | pass (" in card
     assert "| `gemlite/` | pass | pass | skipped |" in card
 
 

@@ -19,6 +19,7 @@ from ..shards import read_json
 from .folders import CONFIG_NAME
 from .formats import GROUP_SIZES, KEPT_DTYPES, MODE_BITS, MODES, SCALE_DTYPES
 from .targets import NAMES
+from .targets import target as registered
 
 FORMAT_VERSION = 1
 
@@ -151,7 +152,9 @@ class PackConfig:
 
     # -- writing -------------------------------------------------------------------------------------------
     def for_target(self, name: str) -> PackConfig:
-        return PackConfig.from_dict({**self.data, "format": name}, self.where)
+        """The config of `name`'s pack: its "format" and its "weights" file, the only per-target fields."""
+        return PackConfig.from_dict({**self.data, "format": name, "weights": registered(name).weights_name},
+                                    self.where)
 
     def text(self) -> str:
         """The file as written: the object with its format, two-space indented."""

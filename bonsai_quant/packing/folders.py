@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PackError
+from .targets import target as registered
 
 CONFIG_NAME = "quantization_config.json"
-PACK_STEM = "model"
-WEIGHTS_NAME = f"{PACK_STEM}.safetensors"
-INDEX_NAME = f"{PACK_STEM}.safetensors.index.json"
+
+
+def weights_name(fmt: str) -> str:
+    """The safetensors file of a `fmt` pack (each target names its own: `Target.weights_stem`)."""
+    return registered(fmt).weights_name
+
+
+def index_name(fmt: str) -> str:
+    """The shard index of a sharded `fmt` pack."""
+    return registered(fmt).index_name
 
 
 def pack_folders(path: Path) -> list[Path]:

@@ -2,7 +2,7 @@
 
 `convert` feeds it from a checkpoint and the quantizers; `repack` from a compact pack; `distill` from a trained
 student. All describe the model the same way (slots in architecture order, one PackConfig whose only per-target
-field is "format"), so the same model gives byte-identical packs whichever way it arrives.
+fields are "format" and "weights"), so the same model gives byte-identical packs whichever way it arrives.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import torch
 from ..checkpoint import Entry, Shard, ShardedWriter, shard_layout
 from ..manifest import write_manifest
 from .config import PackConfig
-from .folders import PACK_STEM
 from .targets import target as registered
+
+# Our own keys in every file's `__metadata__` carry this prefix: MLX tools read unprefixed keys such as `mode`
+# (mlx-vlm: MLX's quantization mode, "affine") and `bits` with their own meaning.
+METADATA_PREFIX = "bonsai_"
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,11 @@ class Slot:
 
 def slot_entries(slot: Slot, target: str, group_size: int, scale_dtype: torch.dtype) -> list[Entry]:
     if slot.action == "keep":
-        return [Entry(slot.name, slot.kept_dtype, slot.shape)]
-    layout = registered(target).layout(*slot.shape, slot.mode, group_size, scale_dtype)
-    return [Entry(f"{slot.module}.{suffix}", dtype, tuple(shape)) for suffix, (dtype, shape) in layout.items()]
+        return [Entry(registered(target).stored_name(slot.name), slot.kept_dtype, slot.shape)]
+    found = registered(target)
+    layout = found.layout(*slot.shape, slot.mode, group_size, scale_dtype)
+    return [Entry(found.stored_name(f"{slot.module}.{suffix}"), dtype, tuple(shape))
+            for suffix, (dtype, shape) in layout.items()]
 
 
 def slots_from_config(qconfig: PackConfig, specs) -> list[Slot]:
@@ -54,9 +59,14 @@ def slots_from_config(qconfig: PackConfig, specs) -> list[Slot]:
 
 
 def safetensors_metadata(target: str, qconfig: PackConfig) -> dict[str, str]:
-    """The `__metadata__` of every safetensors file of a pack: loaders read `format`."""
-    return {"format": registered(target).safetensors_format, "producer": f"bonsai-quant {qconfig.tool_version}",
-            "recipe": qconfig.recipe_name, "mode": qconfig.recipe_mode}
+    """The `__metadata__` of every safetensors file of a pack: loaders read `format`, and a target may add what
+    its consumers read (mflux: `quantization_level` / `mflux_version`). Nothing else a consumer reads is set."""
+    found = registered(target)
+    meta = {"format": found.safetensors_format,
+            METADATA_PREFIX + "producer": f"bonsai-quant {qconfig.tool_version}",
+            METADATA_PREFIX + "recipe": qconfig.recipe_name, METADATA_PREFIX + "mode": qconfig.recipe_mode}
+    meta.update(found.extra_metadata(q.mode for q in qconfig.quantized.values()))
+    return meta
 
 
 def pack_entries(target: str, qconfig: PackConfig, slots: list[Slot]) -> list[Entry]:
@@ -65,7 +75,7 @@ def pack_entries(target: str, qconfig: PackConfig, slots: list[Slot]) -> list[En
 
 def pack_layout(target: str, qconfig: PackConfig, slots: list[Slot]) -> list[Shard]:
     """The safetensors files a pack of `target` holds, header bytes included (verify rebuilds and compares)."""
-    return shard_layout(pack_entries(target, qconfig, slots), PACK_STEM, qconfig.shard_bytes,
+    return shard_layout(pack_entries(target, qconfig, slots), registered(target).weights_stem, qconfig.shard_bytes,
                         safetensors_metadata(target, qconfig))
 
 
@@ -86,8 +96,9 @@ class PackSet:
                 else:
                     shutil.copyfile(config_json, folder / "config.json")
                 qconfig.for_target(target).write(folder)
-                self.writers[target] = ShardedWriter(folder, pack_entries(target, qconfig, slots), PACK_STEM,
-                                                     qconfig.shard_bytes, safetensors_metadata(target, qconfig))
+                self.writers[target] = ShardedWriter(folder, pack_entries(target, qconfig, slots),
+                                                     registered(target).weights_stem, qconfig.shard_bytes,
+                                                     safetensors_metadata(target, qconfig))
         except BaseException:
             self.abort()
             raise
@@ -106,13 +117,14 @@ class PackSet:
             self.abort()
 
     def kept(self, slot: Slot, tensor: torch.Tensor) -> None:
-        for writer in self.writers.values():
-            writer.write(slot.name, tensor)
+        for target, writer in self.writers.items():
+            writer.write(registered(target).stored_name(slot.name), tensor)
 
     def quantized(self, slot: Slot, codes: torch.Tensor, scales: torch.Tensor) -> None:
         for target, writer in self.writers.items():
-            for suffix, packed in registered(target).pack(codes, scales, slot.mode, self.group_size).items():
-                writer.write(f"{slot.module}.{suffix}", packed)
+            found = registered(target)
+            for suffix, packed in found.pack(codes, scales, slot.mode, self.group_size).items():
+                writer.write(found.stored_name(f"{slot.module}.{suffix}"), packed)
 
     def close(self) -> None:
         for target, writer in self.writers.items():

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_folder_headers
 from ..errors import BonsaiError, PackError
 from ..flux2 import model_kwargs
-from ..pack_check import open_pack
-from ..packing.folders import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, pack_folders
+from ..pack_check import open_pack, pack_headers
+from ..packing.folders import CONFIG_NAME, pack_folders
 from ..packing.targets import NAMES, TARGETS
 from ..readers.published import find_published, published_folder
 from ..shards import read_json
@@ -48,17 +47,16 @@ def resolve_pack(path: Path, target: str | None = None) -> Path:
     raise PackError(f"{path}: no {', '.join(NAMES)} pack found (formats: {sorted(formats)})")
 
 
-def pack_files(folder: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file of a pack (single file or index + shards), every header checked."""
-    return {name: info.file for name, info in read_folder_headers(folder, WEIGHTS_NAME, INDEX_NAME, PackError).items()}
-
-
 class PackReader:
-    """Streams tensors out of a pack's safetensors with the pread backend (no whole-file mapping)."""
+    """Streams tensors out of a pack's safetensors with the pread backend (no whole-file mapping), by diffusers
+    tensor name whatever the pack's own names (`pack_check.pack_headers`)."""
 
     def __init__(self, folder: Path, headers: dict | None = None):
         self.folder = folder
-        self.files = {n: i.file for n, i in headers.items()} if headers is not None else pack_files(folder)
+        if headers is None:
+            headers = pack_headers(folder, _format_of(Path(folder)))
+        self.files = {n: i.file for n, i in headers.items()}
+        self.stored = {n: i.name for n, i in headers.items()}
         self._handles = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -71,7 +69,7 @@ class PackReader:
             handle = self._handles.get(file)
             if handle is None:
                 handle = self._handles[file] = safe_open(str(file), "pt", backend="pread")
-            return handle.get_tensor(name)
+            return handle.get_tensor(self.stored[name])
         except Exception as e:  # safetensors' own error types are not stable across versions
             raise PackError(f"{file}: cannot read tensor {name!r}: {e}") from None
 

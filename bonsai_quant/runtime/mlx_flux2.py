@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import PackError
+from ..packing.targets import TARGETS
 from ..shards import open_regular, read_weight_map
 
 # diffusers' defaults for Flux2Transformer2DModel arguments, used where a config.json leaves one out
@@ -30,8 +31,9 @@ CONFIG_DEFAULTS = dict(
     mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True,
 )
 
-INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "model.safetensors"
+# The MLX pack's file names (the registry's, which loads no torch: this module stays free of it).
+WEIGHTS_NAME = TARGETS["mlx"].weights_name
+INDEX_NAME = TARGETS["mlx"].index_name
 QUANT_CONFIG_NAME = "quantization_config.json"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -412,8 +414,8 @@ def _load_pack_tensors(folder: Path) -> tuple[dict[str, mx.array], str]:
 
 def load_mlx_transformer(pack_dir: str | Path, dtype: str | mx.Dtype = "float32") -> MLXFlux2:
     """The FLUX.2 transformer of an MLX pack (`bonsai-quant convert --target mlx`): a folder with config.json,
-    quantization_config.json and model.safetensors (or shards + index). `pack_dir` may also be a convert
-    output folder holding `mlx/`."""
+    quantization_config.json and diffusion_pytorch_model.safetensors (or shards + index). `pack_dir` may also be
+    a convert output folder holding `mlx/`."""
     folder = Path(pack_dir)
     if not (folder / QUANT_CONFIG_NAME).exists() and (folder / "mlx" / QUANT_CONFIG_NAME).exists():
         folder = folder / "mlx"

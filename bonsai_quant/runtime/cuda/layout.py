@@ -44,7 +44,7 @@ def from_buffers(layout: str, buffers: dict[str, torch.Tensor], in_features: int
     if bits not in (1, 2):
         raise PackError(f"the CUDA backend runs 1-bit (binary) and 2-bit (ternary) layers, got bits={bits}")
     binary = bits == 1
-    if layout == "mlx":
+    if layout in ("mlx", "mflux"):  # mflux packs hold MLX's tensors (under mflux's names, which PackReader undoes)
         # uint32 words LSB-first on a little-endian host are the same bits as LSB-first bytes.
         codes = buffers["weight"].contiguous().view(torch.uint8).t().contiguous()
         scales = (-buffers["biases"]).t().contiguous()
@@ -63,7 +63,7 @@ def from_buffers(layout: str, buffers: dict[str, torch.Tensor], in_features: int
         scales = buffers["scales"].t().contiguous()
         encoding = "bits1" if binary else "trits"
     else:
-        raise PackError(f"unknown pack layout {layout!r}; valid: mlx, gemlite, bonsai")
+        raise PackError(f"unknown pack layout {layout!r}; valid: mlx, gemlite, bonsai, mflux")
     want = -(-in_features // CODES_PER_BYTE[encoding])
     if tuple(codes.shape) != (want, out_features) or tuple(scales.shape) != (in_features // group_size,
                                                                                out_features):
