@@ -166,6 +166,8 @@ def cmd_eval(args) -> int:
         run, samples, columns, report_text = (compose.evaluate, compose.DEFAULT_SAMPLES, compose.DEFAULT_SAMPLES,
                                               compose.format_report)
         grid = compose.save_grid
+        n = args.samples or samples
+        what = f"{n} images per prompt ({args.steps} steps)"
     else:
         from .digits import TextEncoder
 
@@ -173,9 +175,10 @@ def cmd_eval(args) -> int:
         loaded = load_for_eval(args.model, encoder, args.fake_quant, args.recipe, args.target)
         run = functools.partial(evaluate, progress=not args.quiet)
         run, samples, columns, report_text, grid = run, DEFAULT_SAMPLES, 10, format_report, save_grid
+        n = args.samples or samples
+        what = f"{10 * n} digits ({n} per digit, {args.steps} steps)"
     if not args.quiet:  # sampling takes a minute or two on 2 cores: say what runs before it does
-        print(f"sampling {args.samples or samples} samples per prompt ({args.steps} steps) with {loaded.source} "
-              f"[{loaded.kind}]", file=sys.stderr, flush=True)
+        print(f"sampling {what} with {loaded.source} [{loaded.kind}]", file=sys.stderr, flush=True)
     report, images = run(loaded, args.samples or samples, args.steps, args.seed, args.shift, encoder=encoder)
     if args.grid:
         report["grid"] = str(args.grid)
