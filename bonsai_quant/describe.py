@@ -58,5 +58,5 @@ def format_description(info: list[dict]) -> str:
                   f"  {p['kept_tensors']} kept tensors ({p['kept_bytes']:,} bytes); {p['files_bytes']:,} bytes on disk"]
         if p.get("skip_patterns"):
             lines.append(f"  skip_patterns: {', '.join(p['skip_patterns'])}")
-        lines += _consumer_lines(p["consumers"])
+        lines += _consumer_lines(p.get("consumers", {}))  # published packs: none recorded
     return "\n".join(lines)

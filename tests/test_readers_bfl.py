@@ -75,7 +75,7 @@ def test_convert_bfl_file_gives_byte_identical_packs(both, tmp_path, mode):
     report = convert(file, default_recipe(mode), tmp_path / "b", targets=TARGETS, max_shard_bytes=1_000_000,
                      verbose=False)
     _same_packs(tmp_path / "a", tmp_path / "b")
-    assert len(list((tmp_path / "b" / "mlx").glob("model-*.safetensors"))) > 1  # sharded: the layout matched too
+    assert len(list((tmp_path / "b" / "mlx").glob("diffusion_pytorch_model-*.safetensors"))) > 1  # sharded too
     assert report["source"]["name"] == "flux-2-tiny.safetensors" and report["tensors_quantized"] == 28
 
 

@@ -39,7 +39,7 @@ def test_model_card(released):
     # A random checkpoint in a plain folder says nothing about where it came from: no base model is claimed.
     assert "base_model" not in front and "base_model_relation" not in front
     assert card.split("---", 2)[2].lstrip().startswith(f"# {result['report']['source']['name']} — binary")
-    assert "`bonsai-quant repack bonsai --target mlx --out mlx-pack`" in card
+    assert "`bonsai-quant repack bonsai --target mlx|gemlite|mflux --out PACK`" in card
     assert front["pipeline_tag"] == "text-to-image" and "binary" in front["tags"]
     assert front["license"] == "apache-2.0"
     bonsai_bytes = result["report"]["targets"]["bonsai"]["files_bytes"]
