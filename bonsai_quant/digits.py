@@ -22,7 +22,7 @@ import torch
 
 from . import shards
 from .errors import BonsaiError
-from .flux2 import KLEIN_SHIFT, euler_sample, shift_sigmas, sigma_schedule  # noqa: F401 -- the sampler, re-exported
+from .flux2 import KLEIN_SHIFT, check_conditioning, euler_sample, shift_sigmas, sigma_schedule  # noqa: F401 -- the sampler, re-exported
 
 MODEL_NAME = "flux2-tiny-digits"
 JUDGE_NAME = "digits-judge"
@@ -150,17 +150,8 @@ def generate(model, encoder: TextEncoder, digits: list[int], noise: torch.Tensor
 
 def check_compatible(config: dict, encoder: TextEncoder, source: str) -> None:
     """Refuse a FLUX.2 config that cannot take digit latents and the digits text embedding."""
-    problems = []
-    if config.get("in_channels") != CHANNELS:
-        problems.append(f"in_channels is {config.get('in_channels')}, the digits model takes {CHANNELS} "
-                        f"(2x2 patches of an {IMAGE_SIZE}x{IMAGE_SIZE} image)")
-    if config.get("out_channels") not in (None, CHANNELS):
-        problems.append(f"out_channels is {config.get('out_channels')}, expected {CHANNELS}")
-    if config.get("joint_attention_dim") != encoder.dim:
-        problems.append(f"joint_attention_dim is {config.get('joint_attention_dim')}, the digits text embedding "
-                        f"has {encoder.dim}")
-    if problems:
-        raise BonsaiError(f"{source}: not a FLUX.2 digits model: " + "; ".join(problems))
+    check_conditioning(config, CHANNELS, encoder.dim, source, "digits",
+                       f"2x2 patches of an {IMAGE_SIZE}x{IMAGE_SIZE} image")
 
 
 def read_json(path: Path) -> dict:

@@ -206,3 +206,18 @@ def euler_sample(velocity, noise: torch.Tensor, steps: int, shift: float = KLEIN
         v = velocity(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
         x = x + (s_next - s) * v.float()
     return x
+
+
+def check_conditioning(config: dict, channels: int, text_dim: int, source: str, model: str, latents: str) -> None:
+    """Refuse a FLUX.2 config whose latent width or text width does not fit a built-in model's sampler and text
+    embedding; `model` names it ("digits"), `latents` says what its channels hold."""
+    problems = []
+    if config.get("in_channels") != channels:
+        problems.append(f"in_channels is {config.get('in_channels')}, the {model} model takes {channels} ({latents})")
+    if config.get("out_channels") not in (None, channels):
+        problems.append(f"out_channels is {config.get('out_channels')}, expected {channels}")
+    if config.get("joint_attention_dim") != text_dim:
+        problems.append(f"joint_attention_dim is {config.get('joint_attention_dim')}, the {model} text embedding "
+                        f"has {text_dim}")
+    if problems:
+        raise BonsaiError(f"{source}: not a FLUX.2 {model} model: " + "; ".join(problems))

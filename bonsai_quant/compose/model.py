@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BonsaiError
+from ..flux2 import check_conditioning
 from .world import CANVAS, COLOURS
 
 MODEL_NAME = "flux2-tiny-compose"
@@ -161,14 +162,5 @@ def is_compose_config(config: dict) -> bool:
 
 def check_compatible(config: dict, encoder: TextEncoder, source: str) -> None:
     """Refuse a FLUX.2 config that cannot take compose latents and the compose text embedding."""
-    problems = []
-    if config.get("in_channels") != CHANNELS:
-        problems.append(f"in_channels is {config.get('in_channels')}, the compose model takes {CHANNELS} "
-                        f"(4x4 RGB patches of a {CANVAS}x{CANVAS} scene)")
-    if config.get("out_channels") not in (None, CHANNELS):
-        problems.append(f"out_channels is {config.get('out_channels')}, expected {CHANNELS}")
-    if config.get("joint_attention_dim") != encoder.dim:
-        problems.append(f"joint_attention_dim is {config.get('joint_attention_dim')}, the compose text embedding "
-                        f"has {encoder.dim}")
-    if problems:
-        raise BonsaiError(f"{source}: not a FLUX.2 compose model: " + "; ".join(problems))
+    check_conditioning(config, CHANNELS, encoder.dim, source, "compose",
+                       f"4x4 RGB patches of a {CANVAS}x{CANVAS} scene")
