@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from bonsai_quant.checkpoint import read_header
 from bonsai_quant.cli import main
 from bonsai_quant.convert import convert
 from bonsai_quant.errors import OutputExistsError
@@ -25,6 +23,7 @@ from bonsai_quant.output import atomic_output
 from bonsai_quant.recipe import default_recipe, load_recipe
 from bonsai_quant.release import check_release, release
 from bonsai_quant.verify import verify
+from tests.pack_helpers import reseal_in_place
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,22 +100,6 @@ def test_repack_force_never_replaces_its_source(packs, tmp_path, capsys, where):
 
 # --- 2. every gate fails on NaN -----------------------------------------------------------------------------
 
-def _reseal(folder: Path, edit) -> None:
-    """Edit tensor values in place (the header stays byte-identical) and reseal the manifest."""
-    (file,) = folder.glob("*.safetensors")
-    tensors = load_file(str(file))
-    edit(tensors)
-    header = read_header(file)
-    (n,) = struct.unpack("<Q", file.read_bytes()[:8])
-    data = bytearray(file.read_bytes())
-    for name, info in header.items():
-        raw = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        data[8 + n + info.offset:8 + n + info.offset + len(raw)] = raw
-    file.write_bytes(bytes(data))
-    (folder / "manifest.json").unlink()
-    write_manifest(folder)
-
-
 def test_a_pack_whose_forward_is_nan_fails(packs, tmp_path):
     # Finite but huge kept weights in a resealed pack: every structural check passes and the values are legal
     # bf16, but the forward overflows to Inf and NaN. NaN compares false with any bound, so the gates must test
@@ -126,7 +109,7 @@ def test_a_pack_whose_forward_is_nan_fails(packs, tmp_path):
 
     def edit(t):
         t["x_embedder.weight"][:, :] = 3e38
-    _reseal(folder, edit)
+    reseal_in_place(folder, edit)
     steps = {s["name"]: s for s in verify(folder)["packs"][0]["steps"]}
     assert [steps[s]["status"] for s in ("integrity", "exactness", "runtime")] == ["pass"] * 3
     assert steps["end-to-end"]["status"] == "fail"
@@ -141,7 +124,7 @@ def test_a_nan_scale_fails(packs, tmp_path):
 
     def edit(t):
         t["transformer_blocks.0.attn.to_q.scales"][0, 0] = float("nan")
-    _reseal(folder, edit)
+    reseal_in_place(folder, edit)
     report = verify(folder)
     assert not report["ok"]
     failed = [s for s in report["packs"][0]["steps"] if s["status"] == "fail"]

@@ -15,6 +15,7 @@ from bonsai_quant.convert import convert
 from bonsai_quant.manifest import write_manifest
 from bonsai_quant.recipe import default_recipe
 from bonsai_quant.verify import verify
+from tests.pack_helpers import reseal_in_place
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +59,7 @@ def _rewrite(folder, edit):
         (folder / "manifest.json").unlink()
         write_manifest(folder)
         return
-    (n,) = struct.unpack("<Q", file.read_bytes()[:8])
-    data = bytearray(file.read_bytes())
-    for name, info in header.items():
-        raw = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        data[8 + n + info.offset:8 + n + info.offset + len(raw)] = raw
-    file.write_bytes(bytes(data))
-    (folder / "manifest.json").unlink()
-    write_manifest(folder)
+    reseal_in_place(folder, lambda t: t.update(tensors))
 
 
 def test_good_pack_passes_every_step_that_can_run(packs, tiny_ckpt):
