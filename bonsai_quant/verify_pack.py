@@ -83,6 +83,27 @@ def _gate(err: float, bound: float, what: str) -> None:
         _fail(f"{what} by {err:.2e} (bound {bound})")
 
 
+def _mlx_layer_error(layer, w: np.ndarray, rng, module: str) -> float:
+    """A real mlx.nn.QuantizedLinear on 4 random rows against x @ W^T in float32, gated at MLX_LAYER_BOUND."""
+    import mlx.core as mx
+
+    x = rng.standard_normal((4, w.shape[1]), dtype=np.float32)
+    ref = x @ w.T
+    err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
+    _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
+    return err
+
+
+def _gemlite_missing() -> str | None:
+    """Why gemlite's kernels cannot run here, or None."""
+    from .runtime.gemlite_backend import gemlite_available
+
+    if gemlite_available():
+        return None
+    return ("gemlite needs a CUDA GPU and the gemlite package; " +
+            ("no CUDA GPU here" if not torch.cuda.is_available() else "gemlite is not installed"))
+
+
 # Files a pack folder holds besides its safetensors (whose names come from the layout).
 PACK_FILES = ("config.json", CONFIG_NAME, "manifest.json")
 
@@ -314,23 +335,16 @@ class PackVerifier:
             out_f, in_f = info.shape
             layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=bits)
             layer.weight, layer.scales, layer.biases = weight, scales, biases
-            x = rng.standard_normal((4, in_f), dtype=np.float32)
-            ref = x @ w.T
-            err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
-            _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
-            worst = max(worst, err)
+            worst = max(worst, _mlx_layer_error(layer, w, rng, module))
         step.data["max_rel_error"] = worst
         step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig.quantized)} layers; "
                        "QuantizedLinear max "
                        f"rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
 
     def _gemlite_layers(self, step: Step) -> None:
-        from .runtime.gemlite_backend import gemlite_available
-
-        if not gemlite_available():
-            step.status = "skip"
-            step.detail = ("gemlite needs a CUDA GPU and the gemlite package; " +
-                           ("no CUDA GPU here" if not torch.cuda.is_available() else "gemlite is not installed"))
+        missing = _gemlite_missing()
+        if missing is not None:
+            step.status, step.detail = "skip", missing
             return
         import gemlite
         from gemlite.core import DType, GemLiteLinearTriton

@@ -38,6 +38,8 @@ from .verify_pack import (
     _Fail,
     _fail,
     _gate,
+    _gemlite_missing,
+    _mlx_layer_error,
 )
 
 
@@ -147,23 +149,16 @@ class PublishedVerifier:
             # float32 scales and biases (exact copies) so that MLX's float32 kernel runs, not its bf16 CPU path
             layer = mnn.QuantizedLinear(in_f, out_f, bias=False, group_size=g, bits=p.bits)
             layer.weight, layer.scales, layer.biases = w, s.astype(mx.float32), b.astype(mx.float32)
-            x = rng.standard_normal((4, in_f), dtype=np.float32)
-            ref = x @ got.numpy().T
-            err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
-            _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
-            worst = max(worst, err)
+            worst = max(worst, _mlx_layer_error(layer, got.numpy(), rng, module))
         step.data.update(max_rel_error=worst, max_dequantize_offset_ulp=worst_deq)
         step.detail = (f"mlx {mx.__version__}: dequantize within {worst_deq:.2g} bf16 ulp of codes * s on "
                        f"{len(p.quantized)} layers; QuantizedLinear max rel error {worst:.1e} "
                        f"(bound {MLX_LAYER_BOUND})")
 
     def _gemlite(self, step: Step) -> None:
-        from .runtime.gemlite_backend import gemlite_available
-
-        if not gemlite_available():
-            step.status = "skip"
-            step.detail = ("gemlite needs a CUDA GPU and the gemlite package; " +
-                           ("no CUDA GPU here" if not torch.cuda.is_available() else "gemlite is not installed"))
+        missing = _gemlite_missing()
+        if missing is not None:
+            step.status, step.detail = "skip", missing
             return
         import gemlite
         from gemlite.core import DType, GemLiteLinearTriton
