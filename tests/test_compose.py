@@ -248,10 +248,12 @@ def shipped_report():
     return json.loads(out.getvalue())
 
 
-# Floors of the shipped weights at 1 sample per prompt (they score 0.417 / 0.063 / 0.104 / 0.271 / 0.042 / 0.021,
-# overall 0.153: undertrained, see the model card). Raise them with the retrained model.
-FLOORS = {"single_object": 0.3, "two_object": 0.03, "counting": 0.06, "colors": 0.18, "position": 0.02,
-          "color_attr": 0.0}
+# Floors of the shipped weights at 1 sample per prompt, 4 steps, on the CPU: they score 0.958 / 0.521 / 0.854 /
+# 0.958 / 0.938 / 0.458, overall 0.781 (the model card's 4-sample figure on the GPU: 0.790). About 0.1 below each,
+# so that a regression of the model, sampler or judge fails and float rounding across machines does not.
+FLOORS = {"single_object": 0.85, "two_object": 0.4, "counting": 0.75, "colors": 0.85, "position": 0.83,
+          "color_attr": 0.35}
+OVERALL_FLOOR = 0.7
 
 
 def test_eval_shipped_compose_model_meets_floors(shipped_report):
@@ -260,6 +262,7 @@ def test_eval_shipped_compose_model_meets_floors(shipped_report):
     assert r["steps"] == 4 and r["samples_per_prompt"] == SAMPLES and r["prompts_per_category"] == 48
     for c, floor in FLOORS.items():
         assert r["categories"][c] >= floor, (c, r["categories"])
+    assert OVERALL_FLOOR <= r["overall"] <= 0.95, r["overall"]  # room above: the benchmark does not saturate
     assert r["overall"] == pytest.approx(sum(r["categories"].values()) / 6, abs=1e-4)
     assert r["held_out"]["single_object"] is None and r["held_out"]["colors"] is not None
     # fidelity: far closer to real scenes than the sampler's own noise

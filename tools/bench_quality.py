@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -111,6 +112,11 @@ class Context:
         print(f"  distill {mode} from {solver}: loss {record['loss']['first']:.4g} -> {record['loss']['last']:.4g} "
               f"in {record['settings']['steps']} steps, {time.perf_counter() - start:.0f} s", file=sys.stderr)
         return out
+
+
+def file_stem(name: str) -> str:
+    """A row's name as a portable file name: 'ternary distilled (mlx pack)' -> 'ternary-distilled-mlx-pack'."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-")
 
 
 @dataclass
@@ -198,7 +204,7 @@ def compose_main(args) -> int:
                 report, images = cb.evaluate(loaded, samples, steps, args.seed, encoder=encoder, judge=judge,
                                              device=None if loaded.kind == "pack" else args.device)
                 if args.grids:
-                    cb.save_grid(images, args.grids / f"{row.name.replace(' ', '-')}-{steps}-steps.png")
+                    cb.save_grid(images, args.grids / f"{file_stem(row.name)}-{steps}-steps.png")
                 results.append({"row": row.name, "steps": steps, "overall": report["overall"],
                                 "categories": report["categories"], "held_out": report["held_out"],
                                 "frechet_distance": report["frechet_distance"],
@@ -277,7 +283,7 @@ def main() -> int:
             for steps in args.steps:
                 report, images = evaluate(loaded, args.samples, steps, args.seed, encoder=encoder, judge=judge)
                 if args.grids:
-                    save_grid(images, args.grids / f"{row.name.replace(' ', '-')}-{steps}-steps.png")
+                    save_grid(images, args.grids / f"{file_stem(row.name)}-{steps}-steps.png")
                 r = {"row": row.name, "steps": steps, "accuracy": report["accuracy"],
                      "frechet_distance": report["frechet_distance"],
                      "per_digit_accuracy": report["per_digit_accuracy"],
