@@ -119,7 +119,11 @@ def _tile(kind, bn, split, bm=1, last=False):
 SMALL_M_CONFIGS = [(1, _tile("gemv", 64, 1)), (1, _tile("gemv", 128, 4)), (3, _tile("gemv", 256, 2, last=True)),
                    (1, _tile("gemv", 64, 4, last=True)), (1, _tile("dot", 64, 4, 16)),
                    (16, _tile("dot", 128, 1, 16)), (16, _tile("dot", 64, 2, 16)),
-                   (40, _tile("dot", 64, 4, 64, last=True)), (16, _tile("tiled", 32, 1, 16))]
+                   (40, _tile("dot", 64, 4, 64, last=True)), (16, _tile("tiled", 32, 1, 16)),
+                   (1, _tile("dot_xsplit", 64, 4, 16, last=True)), (16, _tile("dot_xsplit", 128, 1, 16)),
+                   (40, _tile("dot_xsplit", 64, 2, 64, last=True)), (3, _tile("dot_t", 64, 4, 16, last=True)),
+                   (16, _tile("dot_t", 128, 1, 16)), (16, _tile("dot_t", 64, 2, 16)),
+                   (40, _tile("dot_t", 128, 4, 64, last=True))]
 
 
 @pytest.mark.parametrize("encoding", ["bits1", "bits2"])
@@ -152,10 +156,16 @@ def test_small_m_candidates_split_only_whole_groups(n, k):
         cands = ops._small_m_candidates(m, k // 128, n)
         assert all((k // 128) % c["SPLIT"] == 0 for c in cands)
         assert cands[-1]["kind"] == "tiled" and len(cands) >= 2
-        assert {c["kind"] for c in cands[:-1]} <= ({"gemv", "dot"} if m <= 4 else {"dot"})
+        kinds = [c["kind"] for c in cands[:-1]]
+        # bounded by rule: two gemv tiles for a few rows, the two new tensor-core kernels at the best one or two
+        # (tile, split) pairs, the round-2 dot kernel once above 4 rows; no tile twice
+        want = ({"gemv": 2, "dot_xsplit": 1, "dot_t": 1} if m <= 4 else {"dot_xsplit": 2, "dot_t": 2, "dot": 1})
+        assert {kind: kinds.count(kind) for kind in set(kinds)} == want
+        assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
+        assert all(c["LAST_REDUCES"] == (c["SPLIT"] > 1) for c in cands[:-1])
     # klein's 3072-wide layers get a K split (a bare 3072 / 64 = 48 column tiles would idle most of the GPU)
     if (n, k) == (3072, 3072):
-        assert min(c["SPLIT"] for c in ops._small_m_candidates(1, 24, n)[:-2]) >= 8
+        assert min(c["SPLIT"] for c in ops._small_m_candidates(1, 24, n)[:-1]) >= 8
 
 
 def test_quantize_kernel_equals_the_torch_emulation_bit_for_bit():
