@@ -286,3 +286,19 @@ def test_a_whole_model_through_the_kernels_matches_the_reference_runtime(tiny_pa
         got = model(**kwargs)[0]
     assert swapped == len([m for m in model.modules() if isinstance(m, CudaPackedLinear)]) > 0
     assert float((got - ref).norm() / ref.norm()) < 1e-5  # fp32 both ways: summation order only
+
+
+def test_an_installed_table_replaces_the_packaged_one_until_removed():
+    packaged = dispatch.measured_table()
+    rows = [[4, "bf16"], [None, "fp8"]]
+    try:
+        dispatch.install({"shapes": {"96,384": {"binary": rows}}, "default": [[None, "fp8_scaled_mm"]]})
+        table = dispatch.measured_table()
+        assert [table.kernel(96, 384, "binary", m) for m in (1, 4, 5)] == ["bf16", "bf16", "fp8"]
+        assert table.kernel(3072, 3072, "binary", 1) == "fp8_scaled_mm"  # its own default row
+        with pytest.raises(ValueError, match=r"shapes\['96,384'\]\['ternary'\]\[0\]: m_max must be an int above 0, got 'x'"):
+            dispatch.install({"shapes": {"96,384": {"ternary": [["x", "bf16"]]}}})
+        assert dispatch.measured_table() is table  # a rejected table leaves the installed one in place
+    finally:
+        dispatch.install(None)
+    assert dispatch.measured_table() is packaged

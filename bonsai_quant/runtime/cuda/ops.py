@@ -14,7 +14,9 @@ from . import kernels as K
 from .layout import CODES_PER_BYTE, ENCODINGS, PackedWeights
 
 _BEST: dict[tuple, dict] = {}
+TUNED: dict[tuple, list] = {}  # key -> [(ms, config)] of every config timed while tuning (the benchmark reports it)
 REJECTED: list = []  # (key, config) pairs whose output disagreed with the tiled kernel's while tuning
+TUNE_MS = {"warmup": 2, "rep": 8}  # triton.testing.do_bench's budget per config, ms: a layer tunes well under 1 s
 _SCALED_MM_LAYOUT: dict[str, int] = {}
 EXPAND: dict = {"words": None}  # whether the word-at-a-time expansion compiled here (None: not tried yet)
 
@@ -48,11 +50,12 @@ def _pick(key: tuple, candidates: list[dict], launch, accept=None) -> None:
                         if not accept():
                             REJECTED.append((key, cfg))
                             continue
-                    timed.append((triton.testing.do_bench(lambda: launch(**cfg), warmup=3, rep=15), cfg))
+                    timed.append((triton.testing.do_bench(lambda: launch(**cfg), **TUNE_MS), cfg))
                 except Exception:  # a tile that does not fit this device's shared memory: skip it
                     continue
             if not timed:
                 raise RuntimeError(f"no kernel configuration runs for {key}")
+            TUNED[key] = timed
             best = min(timed, key=lambda t: t[0])[1]
         _BEST[key] = best
     launch(**best)
