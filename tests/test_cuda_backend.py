@@ -302,3 +302,15 @@ def test_an_installed_table_replaces_the_packaged_one_until_removed():
     finally:
         dispatch.install(None)
     assert dispatch.measured_table() is packaged
+
+
+def test_a_disabled_kernel_kind_is_never_a_candidate_and_the_reference_stays():
+    try:
+        ops.DISABLED_KINDS.update({"dot_t", "gemv"})
+        for m in (1, 16):
+            kinds = [c["kind"] for c in ops._small_m_candidates(m, 24, 3072)]
+            assert "dot_t" not in kinds and "gemv" not in kinds and kinds[-1] == "tiled"
+            assert "dot_xsplit" in kinds
+    finally:
+        ops.DISABLED_KINDS.clear()
+    assert "dot_t" in [c["kind"] for c in ops._small_m_candidates(16, 24, 3072)]

@@ -36,6 +36,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -53,8 +54,10 @@ SHAPES = {"attn (3072x3072)": (3072, 3072), "ff in (3072x18432)": (18432, 3072),
           "single in (3072x27648)": (27648, 3072), "single out (12288x3072)": (3072, 12288)}  # name: (N, K)
 MS = (1, 16, 256, 1024, 4096)
 TIERS = ((1, 16), (4096, 1024), (256,))  # the order the sweep visits M in: small M first, then large
-STEP_MS = {(3072, 3072): (512,), (18432, 3072): (512,), (3072, 9216): (512,), (27648, 3072): (1536, 4608),
-           (3072, 12288): (1536, 4608)}  # the step's other row counts (text tokens, single blocks) gemlite tunes for
+# The step's other row counts (text tokens; image + text in the single blocks) that gemlite tunes apart (it
+# buckets M up to powers of two, and 4608 rows share 4096's bucket).
+STEP_MS = {(3072, 3072): (512,), (18432, 3072): (512,), (3072, 9216): (512,), (27648, 3072): (1536,),
+           (3072, 12288): (1536,)}
 ENCODING = {"binary": "bits1", "ternary": "bits2"}
 ROTATE_BYTES = 200 * 2**20
 SECTIONS = ("quality", "check", "layers", "step")
@@ -198,19 +201,60 @@ def _worker_weights(n: int, k: int, mode: str):
     return _WORKER["weights"][key]
 
 
+def _shorten_autotune_benchmarks(warmup_ms: float = 3, rep_ms: float = 10) -> int:
+    """gemlite's Triton autotuners time each config for 25 + 100 ms by default (Triton's); a tenth of that still
+    ranks configs (median of the runs) and keeps the ~1000 candidate timings of a sweep to seconds."""
+    import importlib
+
+    import triton.testing
+    from triton.runtime.autotuner import Autotuner
+
+    def bench(kernel_call, quantiles):
+        return triton.testing.do_bench(kernel_call, warmup=warmup_ms, rep=rep_ms, quantiles=quantiles)
+
+    count = 0
+    for name in ("gemm_kernels", "gemm_splitK_kernels", "gemm_splitK_persistent_kernels", "gemv_kernels",
+                 "gemv_splitK_kernels", "gemv_revsplitK_kernels"):
+        module = importlib.import_module(f"gemlite.triton_kernels.{name}")
+        for value in vars(module).values():
+            if isinstance(value, Autotuner):
+                value._do_bench = bench
+                value.__dict__.pop("do_bench", None)  # a cached_property, if it was read already
+                count += 1
+    return count
+
+
 def precompile(job: dict) -> dict:
     """In a worker: every launch the main process will make for `job` (one library at one layer and M), run
     once so that its kernels are compiled into the on-disk caches; gemlite's autotuned configs are written to
     this worker's config file for the main process to load."""
     t = time.perf_counter()
+    if job["lib"] == "distill":  # not a compile: the quality section's distilled pack, trained meanwhile
+        try:
+            import cuda_quality
+
+            return {"job": job_name(job), **cuda_quality.distill_pack(job["mode"], Path(job["out"]), job["steps"])}
+        except Exception as e:
+            return {"job": job_name(job), "seconds": time.perf_counter() - t, "error": f"{type(e).__name__}: {e}"[:500]}
     lib, n, k, mode, m = job["lib"], job["n"], job["k"], job["mode"], job["m"]
+    if "context_lost" in _WORKER:
+        return {"job": job_name(job), "seconds": 0.0, "error": f"not run: {_WORKER['context_lost']}"}
     try:
         from bonsai_quant.runtime.cuda import ops
 
         w, dense16 = _worker_weights(n, k, mode)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         failed = []
-        if lib == "ours":
+        if lib == "check":  # the check section's own launches (fp32 outputs), on their weights
+            from bonsai_quant.runtime.cuda import layout
+
+            codes, scales, _ = random_weights(n, k, mode, 1)
+            cw = layout.from_codes(codes, scales, job["encoding"], 128)
+            if job["encoding"] != "trits":
+                failed += [f"{tile}: {r}" for tile, r in check_tiles(cw, m).items() if isinstance(r, str)]
+            for mm in (1, 16, 300):
+                check_products(cw, codes, scales, mm, False)
+        elif lib == "ours":
             launches = []
             if m <= ops.SMALL_M:
                 y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
@@ -222,13 +266,16 @@ def precompile(job: dict) -> dict:
             for what, launch in launches:  # one tile that fails must not keep the others from compiling
                 try:
                     launch()
+                    torch.cuda.synchronize()  # a fault shows here, on the launch that made it
                 except Exception as e:
                     failed.append(f"{what}: {type(e).__name__}: {e}"[:200])
+                    _raise_if_context_lost(what)
         elif lib == "gemlite":
             import gemlite
 
             if "gemlite" not in _WORKER:
                 gemlite_setup(_WORKER["gemlite_autotune"])
+                _shorten_autotune_benchmarks()
                 _WORKER["gemlite"] = True
             gemlite_layer(w, mode)(x)
             gemlite.cache_config(str(Path(_WORKER["config_dir"]) / f"gemlite_{os.getpid()}.json"))
@@ -241,12 +288,18 @@ def precompile(job: dict) -> dict:
         if failed:
             out["error"] = "; ".join(failed)
         return out
+    except ContextLost as e:  # this worker is done for; the main process must not launch that kind
+        _WORKER["context_lost"] = str(e)
+        return {"job": job_name(job), "seconds": time.perf_counter() - t, "error": str(e)[:500],
+                "context_lost_after": e.kind}
     except Exception as e:
         return {"job": job_name(job), "seconds": time.perf_counter() - t, "error": f"{type(e).__name__}: {e}"[:500]}
 
 
 def job_name(job: dict) -> str:
-    return f"{job['lib']} {job['n']}x{job['k']} {job['mode']} M={job['m']}"
+    if job["lib"] == "distill":
+        return f"distill {job['mode']}"
+    return f"{job['lib']} {job['n']}x{job['k']} {job.get('encoding', job['mode'])} M={job['m']}"
 
 
 def layer_points(shapes, modes, ms) -> list[tuple]:
@@ -256,22 +309,52 @@ def layer_points(shapes, modes, ms) -> list[tuple]:
 
 
 class Precompiler:
-    """A pool of worker processes running `precompile` jobs in the background; the main process waits for the
-    jobs of a point before timing it (so nothing compiles while it times) and ends the pool before the step."""
+    """Pools of worker processes running `precompile` jobs in the background: "fast" (ours and gemlite, whose
+    autotuning times kernels on the GPU, so it must be over before the main process times anything) and
+    "humming" (nvcc builds: CPU only, it may go on while the main process times). The main process waits for
+    a point's jobs before timing it, and ends the pools before the step."""
 
-    def __init__(self, jobs: list[dict], workers: int, gemlite_autotune: str):
+    def __init__(self, groups: dict, gemlite_autotune: str, distill_dir: str | None = None):
         self.config_dir = tempfile.mkdtemp(prefix="bench_cuda_")
-        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_worker_init, initargs=(gemlite_autotune, self.config_dir))
-        self.futures = {job_name(j): self.pool.submit(precompile, j) for j in jobs}
+        self.distill_dir = distill_dir
+        self.pools, self.futures, self.group_of = {}, {}, {}
+        for group, (jobs, workers) in groups.items():
+            if not jobs or workers < 1:
+                continue
+            pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_worker_init, initargs=(gemlite_autotune, self.config_dir))
+            self.pools[group] = pool
+            for job in jobs:
+                self.futures[job_name(job)] = pool.submit(precompile, job)
+                self.group_of[job_name(job)] = group
         self.started = now()
-        self.loaded: set = set()
+
+    def names(self, group: str) -> list[str]:
+        return [n for n, g in self.group_of.items() if g == group]
 
     def wait(self, names, timeout: float) -> dict:
-        """{job: result, or None if not finished within `timeout` seconds}."""
+        """{job: its result, or None if it did not finish within `timeout` s (or its pool was ended first)}."""
         futures = [self.futures[n] for n in names if n in self.futures]
         cf.wait(futures, timeout=max(0.0, timeout))
-        return {n: (self.futures[n].result() if self.futures[n].done() else None) for n in names if n in self.futures}
+        out = {}
+        for n in names:
+            f = self.futures.get(n)
+            if f is None:
+                continue
+            try:
+                out[n] = f.result() if f.done() and not f.cancelled() else None
+            except Exception:  # the pool was ended while it ran
+                out[n] = None
+        return out
+
+    def disable_faulting_kinds(self, names) -> list[str]:
+        """Keep the main process from launching a small-M kernel kind that made a worker lose its CUDA context
+        (the main process would lose its own, and the rest of the run with it)."""
+        from bonsai_quant.runtime.cuda import ops
+
+        kinds = {r["context_lost_after"] for r in self.wait(names, 0).values() if r and "context_lost_after" in r}
+        ops.DISABLED_KINDS.update(k for k in kinds if k in ops.SMALL_M_KINDS and k != "tiled")
+        return sorted(kinds)
 
     def load_gemlite_configs(self) -> int:
         """Merge every worker's autotuned gemlite configs into this process's gemlite cache."""
@@ -283,56 +366,139 @@ class Precompiler:
         return len(files)
 
     def summary(self) -> dict:
-        done = [f.result() for f in self.futures.values() if f.done() and not f.cancelled()]
-        return {"jobs": len(self.futures), "finished": len(done),
-                "failed": [r for r in done if "error" in r][:40],
-                "worker_seconds": round(sum(r["seconds"] for r in done), 1),
-                "since_start_s": round(now() - self.started, 1)}
+        out = {}
+        for group in self.pools:
+            results = [r for r in self.wait(self.names(group), 0).values() if r is not None]
+            out[group] = {"jobs": len(self.names(group)), "finished": len(results),
+                          "failed": [r for r in results if "error" in r][:40],
+                          "worker_seconds": round(sum(r["seconds"] for r in results), 1)}
+        out["since_start_s"] = round(now() - self.started, 1)
+        return out
 
-    def close(self) -> None:
-        workers = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for p in workers:  # our own workers, some still compiling
-            if p.is_alive():
-                p.terminate()
-        for p in workers:
-            p.join(timeout=10)
+    def close(self, group: str | None = None) -> None:
+        for g in [group] if group else list(self.pools):
+            pool = self.pools.get(g)
+            if pool is None:
+                continue
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in workers:  # our own workers, some still compiling
+                if p.is_alive():
+                    p.terminate()
+            for p in workers:
+                p.join(timeout=10)
+            del self.pools[g]
+        if not self.pools:
+            shutil.rmtree(self.config_dir, ignore_errors=True)
+            if self.distill_dir:
+                shutil.rmtree(self.distill_dir, ignore_errors=True)
 
 
-def precompile_jobs(shapes, modes, ms, humming: bool, gemlite: bool, tiled_ms=()) -> list[dict]:
-    """Ours first (the main process needs them soonest), in the sweep's order; then gemlite (also the step's row
-    counts); then humming, whose nvcc builds take longest."""
-    jobs = []
-    for name, mode, m in layer_points(shapes, modes, ms):
-        n, k = SHAPES[name]
-        jobs.append({"lib": "ours", "n": n, "k": k, "mode": mode, "m": m, "tiled": m in tiled_ms})
+def precompile_jobs(shapes, modes, ms, humming: bool, gemlite: bool, tiled_ms=()) -> dict:
+    """{"fast": jobs, "humming": jobs}: the check's and ours first (the main process needs them soonest), in the
+    sweep's order, then gemlite (also at the step's other row counts); humming's nvcc builds apart."""
+    fast = [{"lib": "check", "n": 3072, "k": 3072, "mode": mode, "m": m, "encoding": enc}
+            for mode, enc in CHECK_ENCODINGS for m in ((1, 16) if enc != "trits" else (1,))]
+    points = layer_points(shapes, modes, ms)
+    fast += [{"lib": "ours", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m, "tiled": m in tiled_ms}
+             for nm, mode, m in points]
     if gemlite:
-        for name, mode, m in layer_points(shapes, modes, ms):
-            jobs.append({"lib": "gemlite", "n": SHAPES[name][0], "k": SHAPES[name][1], "mode": mode, "m": m})
-        for name in shapes:
-            for mode in modes:
-                for m in STEP_MS[SHAPES[name]]:
-                    jobs.append({"lib": "gemlite", "n": SHAPES[name][0], "k": SHAPES[name][1], "mode": mode, "m": m})
-    if humming:
-        for name, mode, m in layer_points(shapes, modes, ms):
-            jobs.append({"lib": "humming", "n": SHAPES[name][0], "k": SHAPES[name][1], "mode": mode, "m": m})
-    return jobs
+        fast += [{"lib": "gemlite", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m}
+                 for nm, mode, m in points]
+        fast += [{"lib": "gemlite", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m}
+                 for nm in shapes for mode in modes for m in STEP_MS[SHAPES[nm]]]
+    slow = ([{"lib": "humming", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m}
+             for nm, mode, m in points] if humming else [])
+    return {"fast": fast, "humming": slow}
 
 
 # ---------------------------------------------------------------- sections
 
-def section_quality(results: dict, save, modes, samples: int) -> None:
+def section_quality(results: dict, save, modes, samples: int, pre: Precompiler | None) -> None:
     import cuda_quality
 
     out = results.setdefault("quality", {})
+
+    def distilled(mode):  # the pack a worker distilled meanwhile, if it is done while 60 s of the section remain
+        name = f"distill {mode}"
+        r = pre.wait([name], time_left() - 60).get(name)
+        out.setdefault("distill", {})[mode] = r or "not finished in time"
+        return Path(pre.distill_dir) / mode if r and "error" not in r else None
+
     with tempfile.TemporaryDirectory() as tmp:
-        cuda_quality.run(out, save, Path(tmp), modes, samples=samples, time_left=time_left)
+        cuda_quality.run(out, save, Path(tmp), modes, samples=samples, time_left=time_left,
+                         distilled=distilled if pre is not None and pre.names("distill") else None)
 
 
-def section_check(results: dict, save, fused_fp8: bool) -> None:
+CHECK_ENCODINGS = (("binary", "bits1"), ("ternary", "bits2"), ("ternary", "trits"))
+
+
+def check_tiles(w, m: int, g=None) -> dict:
+    """Every small-M tile the tuner can pick at M rows, fp32 output, against fp32 x @ (codes * s)^T (only the
+    summation order is left); {tile: relative error, or the error message}."""
+    from bonsai_quant.runtime.cuda import layout, ops
+
+    xm = torch.randn(m, w.in_features, generator=g, device="cuda").bfloat16()
+    ref = xm.float() @ layout.dense_of(w).t()
+    tiles = {}
+    for cfg in ops._small_m_candidates(m, w.in_features // 128, w.out_features):
+        name = (f"M={m} {cfg['kind']} n{cfg['BLOCK_N']} split{cfg['SPLIT']} w{cfg['num_warps']}"
+                + (" last-reduces" if cfg.get("LAST_REDUCES") else ""))
+        try:
+            y = torch.full((m, w.out_features), float("nan"), device="cuda")
+            ops.small_m_matmul(xm, w, y, **cfg)
+            tiles[name] = rel(y, ref)
+        except Exception as e:
+            tiles[name] = f"{type(e).__name__}: {e}"[:300]
+            _raise_if_context_lost(cfg["kind"])
+    return tiles
+
+
+class ContextLost(RuntimeError):
+    """A kernel left the CUDA context unusable (an illegal address: every later launch fails too)."""
+
+    def __init__(self, kind: str, error: str):
+        super().__init__(f"CUDA context lost after a {kind} launch: {error}")
+        self.kind = kind
+
+
+def _raise_if_context_lost(kind: str) -> None:
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").item()
+    except Exception as e:
+        raise ContextLost(kind, f"{type(e).__name__}: {e}"[:200]) from e
+
+
+def check_products(w, codes, scales, m: int, fused_fp8: bool, g=None) -> dict:
+    """At M rows: the bf16 path (M > 64: the tiled kernel; smaller M is `check_tiles`'), the e4m3 emulation and
+    the expanded codes through torch._scaled_mm, against fp32 and the emulation."""
+    from bonsai_quant.runtime.cuda import emulate, layout, ops
+
+    xm = torch.randn(m, w.in_features, generator=g, device="cuda")
+    ref = xm @ layout.dense_of(w).t()
+    emu = emulate.fp8_matmul(xm, codes, scales)
+    r = {"emulation_vs_fp32": rel(emu, ref)}
+    if m > ops.SMALL_M:  # below, packed_matmul would tune here, while the workers still use the GPU
+        r["bf16_vs_fp32"] = rel(ops.packed_matmul(xm.bfloat16(), w), ref)
+    if fused_fp8:  # each of these tunes its own tiles
+        r["fp32_kernel_vs_fp32"] = rel(ops.packed_matmul(xm, w), ref)
+        r["fp8_vs_emulation"] = rel(ops.packed_fp8_matmul(xm, w, torch.float32), emu)
+    try:
+        r["scaled_mm_vs_emulation"] = rel(ops.scaled_mm_matmul(xm, w, torch.float32), emu)
+    except Exception as e:
+        r["scaled_mm_error"] = f"{type(e).__name__}: {e}"[:400]
+    return r
+
+
+def section_check(results: dict, save, fused_fp8: bool, pre: Precompiler | None) -> None:
     from bonsai_quant.runtime.cuda import emulate, layout, ops
 
     out = results.setdefault("check", {})
+    if pre is not None:  # the workers ran these launches first: a kind that broke their context is not run here
+        checks = [n for n in pre.names("fast") if n.startswith("check ")]
+        pre.wait(checks, min(60.0, time_left() - 10))
+        out["disabled_kinds"] = pre.disable_faulting_kinds(checks)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(300, 3072, generator=g, device="cuda") * torch.logspace(-20, 20, 300, base=2,
                                                                               device="cuda")[:, None]
@@ -340,7 +506,7 @@ def section_check(results: dict, save, fused_fp8: bool) -> None:
     q2, sx2 = emulate.quantize_e4m3(x)
     out["quantize_bit_exact"] = bool(torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
                                      and torch.equal(sx, sx2))
-    for mode, enc in (("binary", "bits1"), ("ternary", "bits2"), ("ternary", "trits")):
+    for mode, enc in CHECK_ENCODINGS:
         if time_left() < 5:
             results.setdefault("skipped", []).append(f"check {enc}: deadline")
             continue
@@ -351,35 +517,10 @@ def section_check(results: dict, save, fused_fp8: bool) -> None:
         e, s32 = ops.expand_e4m3(w)
         row["expand_bit_exact"] = bool(torch.equal(e.float(), codes.float()) and torch.equal(s32, scales.t().float()))
         row["expand_kernel"] = dict(ops.EXPAND)
-        dense = layout.dense_of(w)
-        if enc != "trits":  # every tile the tuner can pick (fp32 output: only the summation order is left)
-            tiles = row.setdefault("small_m_tiles_vs_fp32", {})
-            for m in (1, 16):
-                xm = torch.randn(m, 3072, generator=g, device="cuda").bfloat16()
-                ref = xm.float() @ dense.t()
-                for cfg in ops._small_m_candidates(m, 24):
-                    name = (f"M={m} {cfg['kind']} n{cfg['BLOCK_N']} split{cfg['SPLIT']} w{cfg['num_warps']}"
-                            + (" last-reduces" if cfg.get("LAST_REDUCES") else ""))
-                    try:
-                        y = torch.full((m, 3072), float("nan"), device="cuda")
-                        ops.small_m_matmul(xm, w, y, **cfg)
-                        tiles[name] = rel(y, ref)
-                    except Exception as e:
-                        tiles[name] = f"{type(e).__name__}: {e}"[:300]
+        if enc != "trits":  # bonsai trits straddle the groups: they keep the tiled kernel
+            row["small_m_tiles_vs_fp32"] = {**check_tiles(w, 1, g), **check_tiles(w, 16, g)}
         for m in (1, 16, 300):
-            xm = torch.randn(m, 3072, generator=g, device="cuda")
-            ref = xm @ dense.t()
-            emu = emulate.fp8_matmul(xm, codes, scales)
-            r = {"bf16_vs_fp32": rel(ops.packed_matmul(xm.bfloat16(), w), ref),
-                 "emulation_vs_fp32": rel(emu, ref)}
-            if fused_fp8:  # each of these tunes its own tiles
-                r["fp32_kernel_vs_fp32"] = rel(ops.packed_matmul(xm, w), ref)
-                r["fp8_vs_emulation"] = rel(ops.packed_fp8_matmul(xm, w, torch.float32), emu)
-            try:
-                r["scaled_mm_vs_emulation"] = rel(ops.scaled_mm_matmul(xm, w, torch.float32), emu)
-            except Exception as e:
-                r["scaled_mm_error"] = f"{type(e).__name__}: {e}"[:400]
-            row[f"M={m}"] = r
+            row[f"M={m}"] = check_products(w, codes, scales, m, fused_fp8, g)
         print(f"check {enc}: {json.dumps(row)[:1500]}", flush=True)
         save()
 
@@ -496,10 +637,13 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
              "shapes": {}, "default": dispatch.FALLBACK}
     results["crossover"] = table
     timings = results.setdefault("_timings", {})
-    if pre is not None:  # ours and gemlite compiled first: nothing may compile while the main process times
-        ours_gl = [n for n in pre.futures if not n.startswith("humming")]
-        pending = [n for n, r in pre.wait(ours_gl, time_left() - 90).items() if r is None]
-        results["precompile_at_layers"] = {**pre.summary(), "pending_ours_or_gemlite": pending[:40]}
+    fast_done: dict = {}
+    if pre is not None:  # ours and gemlite first: nothing may compile or autotune while the main process times
+        fast_done = pre.wait(pre.names("fast"), time_left() - 90)
+        results["disabled_kinds"] = pre.disable_faulting_kinds(pre.names("fast"))
+        pending = [n for n, r in fast_done.items() if r is None]
+        pre.close("fast")
+        results["precompile_at_layers"] = {**pre.summary(), "ended_unfinished": pending[:60]}
         if gemlite:
             results["gemlite_config_files"] = pre.load_gemlite_configs()
     setups: dict = {}
@@ -509,18 +653,14 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
             continue
         n, k = SHAPES[name]
         job = {"n": n, "k": k, "mode": mode, "m": m}
+        unfinished = [j for j in (job_name(dict(job, lib="gemlite")),) if j in fast_done and fast_done[j] is None]
         if pre is not None:
-            waited = pre.wait([job_name(dict(job, lib=lib)) for lib in ("ours", "gemlite", "humming")],
-                              min(20.0, time_left() - 8))
-            unfinished = [j for j, r in waited.items() if r is None]
-            if gemlite:
-                pre.load_gemlite_configs()
-        else:
-            unfinished = []
+            waited = pre.wait([job_name(dict(job, lib="humming"))], min(20.0, time_left() - 8))
+            unfinished += [n for n, r in waited.items() if r is None]
         if (name, mode) not in setups:
             setups[(name, mode)] = _layer_setup(name, mode, gemlite, humming, results)
         setup = dict(setups[(name, mode)])
-        for lib in ("gemlite", "humming"):  # not tuned or built in time: measuring it here would compile now
+        for lib in ("gemlite", "humming"):  # not tuned or built in time: measuring it now would compile here
             if job_name(dict(job, lib=lib)) in unfinished:
                 setup[lib] = None
                 results.setdefault("skipped", []).append(f"{lib} {mode} {name} M={m}: its compile did not finish")
@@ -817,22 +957,23 @@ def markdown_tables(results: dict) -> str:
                          f"{r.get('rel_error_vs_fp32_reference', float('nan')):.2e} |"
                          if g and dense_ms else f"| {tok} | {name} | {r.get('eager_ms', 0):.1f} | - | - | | | | |")
     quality = results.get("quality", {})
-    modes = [m for m in quality if isinstance(quality[m], dict) and "variants" in quality[m]]
-    if modes:
+    if quality.get("packs"):
         lines += ["", f"Quality gate: {quality.get('rule', '')}", "",
-                  "| mode | variant | accuracy | Fréchet distance | vs reference | gate |",
+                  "| pack | variant | accuracy | Fréchet distance | vs reference | gate |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for mode in modes:
-            q = quality[mode]
-            for name, r in q["variants"].items():
-                g = q["gates"].get(name, {})
+        for label, q in quality["packs"].items():
+            for name, r in q.get("variants", {}).items():
+                g = q.get("gates", {}).get(name, {})
                 vs = (f"{g['accuracy_delta_samples']:+d} samples, FD {100 * (g['frechet_ratio'] - 1):+.1f} %"
                       if "frechet_ratio" in g else "")
-                verdict = "-" if name == "reference" else ("pass" if g.get("pass") else f"fail {g.get('reason', '')}")
-                lines.append(f"| {mode} | {name} | {r.get('accuracy', float('nan')):.4f} | "
-                             f"{r.get('frechet_distance') or float('nan'):.4f} | {vs} | {verdict} |")
-            lines.append(f"| {mode} | formats identical (mlx, gemlite, bonsai) | "
-                         f"{q.get('formats', {}).get('identical')} | | | |")
+                verdict = "-" if name == "reference" else (
+                    "pass" if g.get("pass") else f"fail: {g.get('reason', r.get('error', ''))[:120]}")
+                fd = r.get("frechet_distance")
+                lines.append(f"| {label} | {name} | {r.get('accuracy', float('nan')):.4f} | "
+                             f"{fd if fd is not None else float('nan'):.4f} | {vs} | {verdict} |")
+            lines.append(f"| {label} | judged: {q.get('judged')}; formats identical (mlx, gemlite, bonsai): "
+                         f"{q.get('formats', {}).get('identical')}; bf16-activation kinds: "
+                         f"{q.get('bf16_activation_kinds')} | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -848,7 +989,7 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=float("inf"),
                         help="seconds after start past which remaining measurements are skipped (recorded); each "
                              "section also leaves the later ones their reserve")
-    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 4) - 2)),
+    parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 4) - 2)),
                         help="processes compiling ahead (0: none, everything compiles in the main process)")
     parser.add_argument("--humming-budget-s", type=float, default=HUMMING["budget_s"])
     parser.add_argument("--no-humming", action="store_true")
@@ -858,6 +999,8 @@ def main() -> int:
     parser.add_argument("--all-kernels", action="store_true", help="also time the in-loop fp8 kernel, and the "
                         "16-bit kernel at M > 64")
     parser.add_argument("--quality-samples", type=int, default=100, help="per digit, as bonsai-quant eval")
+    parser.add_argument("--quality-distill-steps", type=int, default=200,
+                        help="also gate packs distilled this many steps, trained by a worker meanwhile (0: not)")
     parser.add_argument("--image-tokens", default="1024,4096")
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--no-graphs", action="store_true")
@@ -903,10 +1046,17 @@ def main() -> int:
             results.setdefault("errors", []).append(f"gemlite: {type(e).__name__}: {e}"[:400])
             gemlite_on = False
     pre = None
-    if args.workers > 0 and "layers" in sections:
-        pre = Precompiler(precompile_jobs(shapes, modes, ms, humming_on, gemlite_on,
-                                          tiled_ms=ms if args.all_kernels else ()),
-                          args.workers, args.gemlite_autotune)
+    if args.workers > 0 and ("layers" in sections or "quality" in sections):
+        jobs = (precompile_jobs(shapes, modes, ms, humming_on, gemlite_on, tiled_ms=ms if args.all_kernels else ())
+                if "layers" in sections else {"fast": [], "humming": []})
+        distill_dir = tempfile.mkdtemp(prefix="bench_cuda_distill_")
+        distill = ([{"lib": "distill", "mode": mode, "out": str(Path(distill_dir) / mode),
+                     "steps": args.quality_distill_steps} for mode in modes]
+                   if "quality" in sections and args.quality_distill_steps > 0 else [])
+        slow = max(1, args.workers // 4) if jobs["humming"] else 0
+        pre = Precompiler({"distill": (distill, len(distill)),
+                           "fast": (jobs["fast"], max(1, args.workers - slow - len(distill))),
+                           "humming": (jobs["humming"], slow)}, args.gemlite_autotune, distill_dir)
     try:
         for i, sec in enumerate(sections):
             CLOCK["section_end_s"] = CLOCK["deadline_s"] - sum(RESERVE_S[s] for s in sections[i + 1:])
@@ -920,9 +1070,9 @@ def main() -> int:
                 pre = None
             try:
                 if sec == "quality":
-                    section_quality(results, save, modes, args.quality_samples)
+                    section_quality(results, save, modes, args.quality_samples, pre)
                 elif sec == "check":
-                    section_check(results, save, args.all_kernels)
+                    section_check(results, save, args.all_kernels, pre)
                 elif sec == "layers":
                     section_layers(results, save, modes, shapes, ms, pre, args.all_kernels, gemlite_on, humming_on)
                 elif sec == "step":

@@ -95,6 +95,7 @@ def _tiles(programs_per_tile: int, groups: int, n: int, count: int, widths=(64, 
 
 
 SMALL_M_KINDS = ("gemv", "dot", "dot_xsplit", "dot_t", "tiled")
+DISABLED_KINDS: set = set()  # kinds this process must not tune (a benchmark saw them fault in another process)
 
 
 def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
@@ -116,7 +117,7 @@ def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
     if m > 4:
         bn, sp = dot_tiles[0]
         cands.append(dict(kind="dot", BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, num_warps=4, num_stages=3))
-    cands = [dict(c, LAST_REDUCES=c["SPLIT"] > 1) for c in cands]
+    cands = [dict(c, LAST_REDUCES=c["SPLIT"] > 1) for c in cands if c["kind"] not in DISABLED_KINDS]
     cands.append(dict(kind="tiled", BLOCK_M=16 if m <= 16 else m_bucket(m), BLOCK_N=32, SPLIT=1, num_warps=4,
                       num_stages=3))
     return cands
