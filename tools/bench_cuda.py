@@ -37,6 +37,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -62,7 +63,8 @@ ENCODING = {"binary": "bits1", "ternary": "bits2"}
 ROTATE_BYTES = 200 * 2**20
 SECTIONS = ("quality", "check", "layers", "step")
 RESERVE_S = {"quality": 45.0, "check": 15.0, "layers": 120.0, "step": 100.0}  # kept for a section by earlier ones
-HUMMING = {"spent_s": 0.0, "budget_s": 60.0}  # main-process humming set-up (its JIT runs in the workers)
+# main-process humming set-up (its JIT builds run in the workers), and the time the sweep may wait for them
+HUMMING = {"spent_s": 0.0, "budget_s": 60.0, "waited_s": 0.0, "wait_budget_s": 40.0}
 CLOCK = {"start": time.perf_counter(), "deadline_s": float("inf"), "section_end_s": float("inf")}
 
 
@@ -186,6 +188,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(gemlite_autotune: str, config_dir: str) -> None:
+    os.setpgrp()  # its own process group, so that ending it also ends the compilers it started (nvcc)
     torch.set_num_threads(1)
     _WORKER.update(gemlite_autotune=gemlite_autotune, config_dir=config_dir, weights={})
 
@@ -367,7 +370,7 @@ class Precompiler:
 
     def summary(self) -> dict:
         out = {}
-        for group in self.pools:
+        for group in dict.fromkeys(self.group_of.values()):
             results = [r for r in self.wait(self.names(group), 0).values() if r is not None]
             out[group] = {"jobs": len(self.names(group)), "finished": len(results),
                           "failed": [r for r in results if "error" in r][:40],
@@ -382,13 +385,16 @@ class Precompiler:
                 continue
             workers = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
-            for p in workers:  # our own workers, some still compiling
+            for p in workers:  # our own workers, some still compiling, and what they started
                 if p.is_alive():
-                    p.terminate()
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        p.terminate()
             for p in workers:
                 p.join(timeout=10)
             del self.pools[g]
-        if not self.pools:
+        if group is None:  # the run is over: its temporary folders go too
             shutil.rmtree(self.config_dir, ignore_errors=True)
             if self.distill_dir:
                 shutil.rmtree(self.distill_dir, ignore_errors=True)
@@ -642,8 +648,8 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
         fast_done = pre.wait(pre.names("fast"), time_left() - 90)
         results["disabled_kinds"] = pre.disable_faulting_kinds(pre.names("fast"))
         pending = [n for n, r in fast_done.items() if r is None]
-        pre.close("fast")
         results["precompile_at_layers"] = {**pre.summary(), "ended_unfinished": pending[:60]}
+        pre.close("fast")
         if gemlite:
             results["gemlite_config_files"] = pre.load_gemlite_configs()
     setups: dict = {}
@@ -654,11 +660,20 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
         n, k = SHAPES[name]
         job = {"n": n, "k": k, "mode": mode, "m": m}
         unfinished = [j for j in (job_name(dict(job, lib="gemlite")),) if j in fast_done and fast_done[j] is None]
-        if pre is not None:
-            waited = pre.wait([job_name(dict(job, lib="humming"))], min(20.0, time_left() - 8))
-            unfinished += [n for n, r in waited.items() if r is None]
+        if pre is not None:  # humming's builds may still run: wait for this point's, within a budget
+            t_wait = time.perf_counter()
+            wanted = [job_name(dict(job, lib="humming"))] + (
+                [job_name(dict(job, m=16, lib="humming"))] if (name, mode) not in setups else [])
+            waited = pre.wait(wanted, min(HUMMING["wait_budget_s"] - HUMMING["waited_s"], time_left() - 8))
+            HUMMING["waited_s"] += time.perf_counter() - t_wait
+            unfinished += [j for j, r in waited.items() if r is None and j == job_name(dict(job, lib="humming"))]
         if (name, mode) not in setups:
-            setups[(name, mode)] = _layer_setup(name, mode, gemlite, humming, results)
+            # humming's set-up runs it at M = 16: only once that build is done, or it would compile here
+            first = job_name(dict(job, m=16, lib="humming"))
+            built = pre is None or first not in pre.futures or pre.wait([first], 0).get(first) is not None
+            setups[(name, mode)] = _layer_setup(name, mode, gemlite, humming and built, results)
+            if humming and not built:
+                results.setdefault("skipped", []).append(f"humming {mode} {name}: its build did not finish")
         setup = dict(setups[(name, mode)])
         for lib in ("gemlite", "humming"):  # not tuned or built in time: measuring it now would compile here
             if job_name(dict(job, lib=lib)) in unfinished:
