@@ -25,8 +25,12 @@ from pathlib import Path
 
 import torch
 
-KLEIN = [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288)]  # (N, K), as bench_cuda
-TINY = [(256, 256), (768, 256), (256, 768), (2304, 256), (256, 1024)]  # flux2-tiny-digits' quantized linears
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cuda import SHAPES  # noqa: E402
+from cuda_quality import TINY_SHAPES  # noqa: E402
+
+KLEIN = list(SHAPES.values())  # (N, K)
+TINY = list(TINY_SHAPES)
 ENCODINGS = ("bits1", "bits2")
 MAX_SHARED = {90: 232448, 89: 101376, 80: 166912}  # opt-in shared memory per block, bytes
 

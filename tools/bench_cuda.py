@@ -401,10 +401,16 @@ class Precompiler:
 
 
 def precompile_jobs(shapes, modes, ms, humming: bool, gemlite: bool, tiled_ms=()) -> dict:
-    """{"fast": jobs, "humming": jobs}: the check's and ours first (the main process needs them soonest), in the
-    sweep's order, then gemlite (also at the step's other row counts); humming's nvcc builds apart."""
-    fast = [{"lib": "check", "n": 3072, "k": 3072, "mode": mode, "m": m, "encoding": enc}
-            for mode, enc in CHECK_ENCODINGS for m in ((1, 16) if enc != "trits" else (1,))]
+    """{"fast": jobs, "humming": jobs}: the quality gate's, the check's and ours first (the main process needs
+    them soonest), ours in the sweep's order, then gemlite (also at the step's other row counts); humming's
+    nvcc builds apart."""
+    import cuda_quality
+
+    # the quality gate's kernels first (it runs first): the tiny model's layers at the benchmark's row count
+    fast = [{"lib": "ours", "n": n, "k": k, "mode": mode, "m": cuda_quality.TINY_ROWS, "tiled": True}
+            for n, k in cuda_quality.TINY_SHAPES for mode in modes]
+    fast += [{"lib": "check", "n": 3072, "k": 3072, "mode": mode, "m": m, "encoding": enc}
+             for mode, enc in CHECK_ENCODINGS for m in ((1, 16) if enc != "trits" else (1,))]
     points = layer_points(shapes, modes, ms)
     fast += [{"lib": "ours", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m, "tiled": m in tiled_ms}
              for nm, mode, m in points]

@@ -45,6 +45,10 @@ JUDGED_ACCURACY = 0.5  # a pack whose reference scores below this draws noise (d
 DISTILL_STEPS = 200  # half `distill`'s default: enough for a binary pack that draws digits, in seconds on a GPU
 CALIBRATION = ROOT / "calibration" / "flux2-tiny-digits"
 TARGETS = ("mlx", "gemlite", "bonsai")
+# flux2-tiny-digits' quantized linears (out, in) and the rows the benchmark runs them at (250 samples per
+# forward: 16 image tokens, 8 text tokens, 24 in the single blocks); bench_cuda.py compiles for them ahead.
+TINY_SHAPES = ((256, 256), (1536, 256), (256, 768), (2304, 256), (256, 1024))
+TINY_ROWS = 4000
 # The quantized linears of a FLUX.2 transformer by what they do; names as diffusers' Flux2Transformer2DModel.
 KINDS = (("single_in", r"^single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj$"),
          ("single_out", r"^single_transformer_blocks\.\d+\.attn\.to_out$"),
