@@ -78,3 +78,21 @@ def test_eval_loads_a_pack_in_the_dtype_and_backend_asked_for(binary_pack, monke
     assert sum(isinstance(m, PackedLinear) for m in loaded.model.modules()) > 0
     with pytest.raises(BonsaiError, match="device, backend and dtype choose how a pack runs, but this is no pack"):
         load_for_eval(None, encoder, backend="reference")
+
+
+def test_every_linear_the_step_benchmark_quantizes_in_klein_has_a_kind():
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    from bonsai_quant.flux2 import model_kwargs, preset_config
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cuda", Path(__file__).resolve().parents[1] / "tools" / "bench_cuda.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with init_empty_weights():
+        model = Flux2Transformer2DModel(**model_kwargs(preset_config("klein-4b")))
+    kinds = [cq.layer_kind(name) for name, _ in bench._quantized_names(model)]
+    # klein: 5 double blocks (8 attention + 4 feed-forward linears each), 20 single blocks (2 each)
+    assert {k: kinds.count(k) for k in set(kinds)} == {"attn_in": 30, "attn_out": 10, "ff_in": 10, "ff_out": 10,
+                                                       "single_in": 20, "single_out": 20}
