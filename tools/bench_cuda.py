@@ -239,7 +239,7 @@ def precompile(job: dict) -> dict:
             return {"job": job_name(job), **cuda_quality.distill_pack(job["mode"], Path(job["out"]), job["steps"])}
         except Exception as e:
             return {"job": job_name(job), "seconds": time.perf_counter() - t, "error": f"{type(e).__name__}: {e}"[:500]}
-    lib, n, k, mode, m = job["lib"], job["n"], job["k"], job["mode"], job["m"]
+    lib, n, k, mode, m = job["lib"], job["n"], job["k"], job["mode"], job.get("m", 1)
     if "context_lost" in _WORKER:
         return {"job": job_name(job), "seconds": 0.0, "error": f"not run: {_WORKER['context_lost']}"}
     try:
@@ -280,7 +280,9 @@ def precompile(job: dict) -> dict:
                 gemlite_setup(_WORKER["gemlite_autotune"])
                 _shorten_autotune_benchmarks()
                 _WORKER["gemlite"] = True
-            gemlite_layer(w, mode)(x)
+            layer = gemlite_layer(w, mode)
+            for mm in job["ms"]:  # one kernel family, compiled once; autotuned per row bucket
+                layer(torch.randn(mm, k, device="cuda", dtype=torch.bfloat16))
             gemlite.cache_config(str(Path(_WORKER["config_dir"]) / f"gemlite_{os.getpid()}.json"))
         elif lib == "humming":
             layer, _ = humming_layer(dense16, mode)
@@ -302,7 +304,8 @@ def precompile(job: dict) -> dict:
 def job_name(job: dict) -> str:
     if job["lib"] == "distill":
         return f"distill {job['mode']}"
-    return f"{job['lib']} {job['n']}x{job['k']} {job.get('encoding', job['mode'])} M={job['m']}"
+    rows = "/".join(map(str, job["ms"])) if "ms" in job else job["m"]
+    return f"{job['lib']} {job['n']}x{job['k']} {job.get('encoding', job['mode'])} M={rows}"
 
 
 def layer_points(shapes, modes, ms) -> list[tuple]:
@@ -320,7 +323,7 @@ class Precompiler:
     def __init__(self, groups: dict, gemlite_autotune: str, distill_dir: str | None = None):
         self.config_dir = tempfile.mkdtemp(prefix="bench_cuda_")
         self.distill_dir = distill_dir
-        self.pools, self.futures, self.group_of = {}, {}, {}
+        self.pools, self.futures, self.group_of, self.point_of = {}, {}, {}, {}
         for group, (jobs, workers) in groups.items():
             if not jobs or workers < 1:
                 continue
@@ -330,7 +333,13 @@ class Precompiler:
             for job in jobs:
                 self.futures[job_name(job)] = pool.submit(precompile, job)
                 self.group_of[job_name(job)] = group
+                for m in job.get("ms", [job.get("m")]):
+                    self.point_of[(job["lib"], job.get("n"), job.get("k"), job["mode"], m)] = job_name(job)
         self.started = now()
+
+    def job_for(self, lib: str, n: int, k: int, mode: str, m: int) -> str | None:
+        """The name of the job that compiles `lib` at this layer and M (None: there is none)."""
+        return self.point_of.get((lib, n, k, mode, m))
 
     def names(self, group: str) -> list[str]:
         return [n for n, g in self.group_of.items() if g == group]
@@ -414,11 +423,15 @@ def precompile_jobs(shapes, modes, ms, humming: bool, gemlite: bool, tiled_ms=()
     points = layer_points(shapes, modes, ms)
     fast += [{"lib": "ours", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m, "tiled": m in tiled_ms}
              for nm, mode, m in points]
-    if gemlite:
-        fast += [{"lib": "gemlite", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m}
-                 for nm, mode, m in points]
-        fast += [{"lib": "gemlite", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m}
-                 for nm in shapes for mode in modes for m in STEP_MS[SHAPES[nm]]]
+    if gemlite:  # one job per kernel family gemlite picks by M (GEMV, split-K GEMM, GEMM): compiled once
+        for family in ((1, 4), (5, 63), (64, None)):
+            for nm in shapes:
+                for mode in modes:
+                    rows = [m for m in list(ms) + list(STEP_MS[SHAPES[nm]]) if family[0] <= m and
+                            (family[1] is None or m <= family[1])]
+                    if rows:
+                        fast.append({"lib": "gemlite", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode,
+                                     "ms": sorted(set(rows), key=rows.index)})
     slow = ([{"lib": "humming", "n": SHAPES[nm][0], "k": SHAPES[nm][1], "mode": mode, "m": m}
              for nm, mode, m in points] if humming else [])
     return {"fast": fast, "humming": slow}
@@ -665,14 +678,16 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
             continue
         n, k = SHAPES[name]
         job = {"n": n, "k": k, "mode": mode, "m": m}
-        unfinished = [j for j in (job_name(dict(job, lib="gemlite")),) if j in fast_done and fast_done[j] is None]
+        gl_job = pre.job_for("gemlite", n, k, mode, m) if pre is not None else None
+        unfinished = ["gemlite"] if gl_job in fast_done and fast_done[gl_job] is None else []
         if pre is not None:  # humming's builds may still run: wait for this point's, within a budget
             t_wait = time.perf_counter()
             wanted = [job_name(dict(job, lib="humming"))] + (
                 [job_name(dict(job, m=16, lib="humming"))] if (name, mode) not in setups else [])
             waited = pre.wait(wanted, min(HUMMING["wait_budget_s"] - HUMMING["waited_s"], time_left() - 8))
             HUMMING["waited_s"] += time.perf_counter() - t_wait
-            unfinished += [j for j, r in waited.items() if r is None and j == job_name(dict(job, lib="humming"))]
+            if waited.get(job_name(dict(job, lib="humming")), 1) is None:
+                unfinished.append("humming")
         if (name, mode) not in setups:
             # humming's set-up runs it at M = 16: only once that build is done, or it would compile here
             first = job_name(dict(job, m=16, lib="humming"))
@@ -682,7 +697,7 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
                 results.setdefault("skipped", []).append(f"humming {mode} {name}: its build did not finish")
         setup = dict(setups[(name, mode)])
         for lib in ("gemlite", "humming"):  # not tuned or built in time: measuring it now would compile here
-            if job_name(dict(job, lib=lib)) in unfinished:
+            if lib in unfinished:
                 setup[lib] = None
                 results.setdefault("skipped", []).append(f"{lib} {mode} {name} M={m}: its compile did not finish")
         try:
