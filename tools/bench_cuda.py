@@ -345,7 +345,8 @@ class Precompiler:
         return [n for n, g in self.group_of.items() if g == group]
 
     def wait(self, names, timeout: float) -> dict:
-        """{job: its result, or None if it did not finish within `timeout` s (or its pool was ended first)}."""
+        """{job: its result, or None if it did not finish within `timeout` s (or was cancelled); a job whose worker
+        died (a broken pool) gives an error result, so that the main process does that work itself}."""
         futures = [self.futures[n] for n in names if n in self.futures]
         cf.wait(futures, timeout=max(0.0, timeout))
         out = {}
@@ -353,10 +354,13 @@ class Precompiler:
             f = self.futures.get(n)
             if f is None:
                 continue
-            try:
-                out[n] = f.result() if f.done() and not f.cancelled() else None
-            except Exception:  # the pool was ended while it ran
+            if not f.done() or f.cancelled():
                 out[n] = None
+                continue
+            try:
+                out[n] = f.result()
+            except Exception as e:
+                out[n] = {"job": n, "seconds": 0.0, "error": f"worker lost: {type(e).__name__}: {e}"[:300]}
         return out
 
     def disable_faulting_kinds(self, names) -> list[str]:
@@ -679,7 +683,7 @@ def section_layers(results: dict, save, modes, shapes, ms, pre: Precompiler | No
         n, k = SHAPES[name]
         job = {"n": n, "k": k, "mode": mode, "m": m}
         gl_job = pre.job_for("gemlite", n, k, mode, m) if pre is not None else None
-        unfinished = ["gemlite"] if gl_job in fast_done and fast_done[gl_job] is None else []
+        unfinished = ["gemlite"] if gl_job is not None and fast_done.get(gl_job, 1) is None else []
         if pre is not None:  # humming's builds may still run: wait for this point's, within a budget
             t_wait = time.perf_counter()
             wanted = [job_name(dict(job, lib="humming"))] + (
@@ -1002,13 +1006,18 @@ def markdown_tables(results: dict) -> str:
                 g = q.get("gates", {}).get(name, {})
                 vs = (f"{g['accuracy_delta_samples']:+d} samples, FD {100 * (g['frechet_ratio'] - 1):+.1f} %"
                       if "frechet_ratio" in g else "")
+                g16 = q.get("gates_vs_bf16", {}).get(name, {})
+                if "frechet_ratio" in g16:
+                    vs += (f" (vs bf16 reference: {g16['accuracy_delta_samples']:+d}, "
+                           f"{100 * (g16['frechet_ratio'] - 1):+.1f} %)")
                 verdict = "-" if name == "reference" else (
                     "pass" if g.get("pass") else f"fail: {g.get('reason', r.get('error', ''))[:120]}")
                 fd = r.get("frechet_distance")
                 lines.append(f"| {label} | {name} | {r.get('accuracy', float('nan')):.4f} | "
                              f"{fd if fd is not None else float('nan'):.4f} | {vs} | {verdict} |")
-            lines.append(f"| {label} | judged: {q.get('judged')}; formats identical (mlx, gemlite, bonsai): "
-                         f"{q.get('formats', {}).get('identical')}; bf16-activation kinds: "
+            lines.append(f"| {label} | judged: {q.get('judged')}; pass: {q.get('pass')}; e4m3 judged against "
+                         f"{q.get('e4m3_judged_against')}: {q.get('pass_e4m3')}; formats identical (mlx, gemlite, "
+                         f"bonsai): {q.get('formats', {}).get('identical')}; bf16-activation kinds: "
                          f"{q.get('bf16_activation_kinds')} | | | | |")
     return "\n".join(lines) + "\n"
 
