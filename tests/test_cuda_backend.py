@@ -314,3 +314,10 @@ def test_a_disabled_kernel_kind_is_never_a_candidate_and_the_reference_stays():
     finally:
         ops.DISABLED_KINDS.clear()
     assert "dot_t" in [c["kind"] for c in ops._small_m_candidates(16, 24, 3072)]
+
+
+def test_an_unknown_small_m_kernel_is_named():
+    w = layout.from_codes(make_codes("binary", 64, 128, ramp=False, seed=0), _scales(64, 1, 0), "bits1", 128)
+    x = torch.zeros(1, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown small-M kernel 'int4'; valid: gemv, dot, dot_xsplit, dot_t, tiled"):
+        ops.small_m_matmul(x, w, torch.empty(1, 64), kind="int4", BLOCK_N=64, SPLIT=1, num_warps=4, num_stages=1)
