@@ -321,3 +321,26 @@ def test_an_unknown_small_m_kernel_is_named():
     x = torch.zeros(1, 128, dtype=torch.float16)
     with pytest.raises(ValueError, match="unknown small-M kernel 'int4'; valid: gemv, dot, dot_xsplit, dot_t, tiled"):
         ops.small_m_matmul(x, w, torch.empty(1, 64), kind="int4", BLOCK_N=64, SPLIT=1, num_warps=4, num_stages=1)
+
+
+def test_a_layer_whose_block_scales_scaled_mm_refuses_runs_our_fp8_kernel(monkeypatch):
+    codes = make_codes("ternary", 64, 256, ramp=False, seed=21)
+    scales = _scales(64, 2, 22)
+    lin = CudaPackedLinear(layout.from_codes(codes, scales, "bits2", 128))
+    lin.forced = "fp8_scaled_mm"
+    calls = []
+
+    def refuse(x, w, out_dtype):
+        calls.append(x.shape[0])
+        raise ops.ScaledMmRefused("torch._scaled_mm refuses 1x128 block scales for [64, 256] at M = 33: test")
+
+    monkeypatch.setattr(ops, "scaled_mm_matmul", refuse)
+    monkeypatch.setattr(ops, "SCALED_MM_REFUSED", {})
+    x = torch.randn(33, 256, generator=torch.Generator().manual_seed(23))
+    for _ in range(2):
+        y = lin(x)
+        emu = emulate.fp8_matmul(x, codes, scales)
+        assert float((y - emu).abs().max() / emu.abs().max()) < 1e-6  # the same e4m3 arithmetic
+    assert calls == [33]  # refused once, remembered for that layer and M
+    assert ops.SCALED_MM_REFUSED == {(64, 256, 33): "torch._scaled_mm refuses 1x128 block scales for [64, 256] "
+                                                    "at M = 33: test"}

@@ -1073,6 +1073,7 @@ def main() -> int:
         from bonsai_quant.runtime.cuda import ops
 
         results["tuned"] = {repr(k): v for k, v in ops._BEST.items()}
+        results["scaled_mm_refused"] = {repr(k): v for k, v in ops.SCALED_MM_REFUSED.items()}
         results["rejected_while_tuning"] = [repr(r) for r in ops.REJECTED]
         results["elapsed_s"] = round(now(), 1)
         path.write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -18,6 +18,7 @@ TUNED: dict[tuple, list] = {}  # key -> [(ms, config)] of every config timed whi
 REJECTED: list = []  # (key, config) pairs whose output disagreed with the tiled kernel's while tuning
 TUNE_MS = {"warmup": 2, "rep": 8}  # triton.testing.do_bench's budget per config, ms: a layer tunes well under 1 s
 _SCALED_MM_LAYOUT: dict[str, int] = {}
+SCALED_MM_REFUSED: dict[tuple, str] = {}  # (out, in, M) -> why torch._scaled_mm refused the block scales
 EXPAND: dict = {"words": None}  # whether the word-at-a-time expansion compiled here (None: not tried yet)
 
 
@@ -317,4 +318,10 @@ def scaled_mm_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype) 
             continue
         _SCALED_MM_LAYOUT["b"] = i
         return y
-    raise RuntimeError(f"torch._scaled_mm refuses 1x128 block scales here: {last}")
+    raise ScaledMmRefused(f"torch._scaled_mm refuses 1x128 block scales for [{w.out_features}, {w.in_features}] "
+                          f"at M = {x.shape[0]}: {last}")
+
+
+class ScaledMmRefused(RuntimeError):
+    """This torch build's `_scaled_mm` takes no 1x128 block scales at this shape (CudaPackedLinear then runs
+    `packed_fp8_matmul`, the same arithmetic)."""
