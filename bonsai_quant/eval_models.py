@@ -56,9 +56,11 @@ def is_pack(path: Path) -> bool:
     return (path / CONFIG_NAME).exists() or any(path.glob(f"*/{CONFIG_NAME}"))
 
 
-def load_pack(path: Path, encoder, target: str | None = None,
-              check: ConfigCheck | None = None) -> tuple[torch.nn.Module, Path]:
-    """A pack, or the `target` pack of a convert output (default: the runtime's preference), as a float32 model."""
+def load_pack(path: Path, encoder, target: str | None = None, check: ConfigCheck | None = None,
+              device: str = "cpu", backend: str | None = None,
+              dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Path]:
+    """A pack, or the `target` pack of a convert output (default: the runtime's preference), as a model in
+    `dtype` (default float32) on `device`, its low-bit layers run by `backend` (`load_transformer`'s)."""
     import torch
 
     from .digits import read_json
@@ -66,14 +68,17 @@ def load_pack(path: Path, encoder, target: str | None = None,
 
     folder = resolve_pack(path, target)
     (check or _digits_check())(read_json(folder / "config.json"), encoder, str(folder / "config.json"))
-    return load_transformer(folder, dtype=torch.float32).eval(), folder
+    model = load_transformer(folder, dtype=dtype or torch.float32, device=device, backend=backend)
+    return model.eval(), folder
 
 
 def load_for_eval(path: Path | None, encoder, fake_quant: str | None = None, recipe_path: Path | None = None,
                   target: str | None = None, check: ConfigCheck | None = None,
-                  default: Path | None = None) -> LoadedModel:
+                  default: Path | None = None, device: str = "cpu", backend: str | None = None,
+                  dtype: torch.dtype | None = None) -> LoadedModel:
     """`check`: the benchmark's config check (default: the digits model's); `default`: the model without `path`
-    (default: the shipped flux2-tiny-digits)."""
+    (default: the shipped flux2-tiny-digits). `device`, `backend`, `dtype`: where and how a pack runs
+    (`load_transformer`'s; the GPU benchmarks compare runtimes with them), for packs only."""
     if path is not None:
         path = Path(path)
     elif default is not None:
@@ -90,7 +95,7 @@ def load_for_eval(path: Path | None, encoder, fake_quant: str | None = None, rec
         if fake_quant or recipe_path:
             raise BonsaiError(f"{path}: is already a quantized pack; --fake-quant and --recipe apply to "
                               "full-precision models")
-        model, folder = load_pack(path, encoder, target, check)
+        model, folder = load_pack(path, encoder, target, check, device, backend, dtype)
         from .packing.config import PackConfig
         from .readers.published import find_published, open_published
 
@@ -101,6 +106,9 @@ def load_for_eval(path: Path | None, encoder, fake_quant: str | None = None, rec
         return LoadedModel(model, str(folder), "pack", qc.mode, qc.format, qc.recipe_name)
     if target is not None:
         raise BonsaiError(f"{path}: --target picks a pack of a convert output, but this is no pack")
+    if (device, backend, dtype) != ("cpu", None, None):
+        raise BonsaiError(f"{path}: device, backend and dtype choose how a pack runs, but this is no pack "
+                          "(full-precision models load in float32 on the CPU)")
     model = load_full_precision(path, encoder, check)
     if not (fake_quant or recipe_path):
         return LoadedModel(model, str(path), "full-precision")

@@ -119,7 +119,11 @@ def _tile(kind, bn, split, bm=1, last=False):
 SMALL_M_CONFIGS = [(1, _tile("gemv", 64, 1)), (1, _tile("gemv", 128, 4)), (3, _tile("gemv", 256, 2, last=True)),
                    (1, _tile("gemv", 64, 4, last=True)), (1, _tile("dot", 64, 4, 16)),
                    (16, _tile("dot", 128, 1, 16)), (16, _tile("dot", 64, 2, 16)),
-                   (40, _tile("dot", 64, 4, 64, last=True)), (16, _tile("tiled", 32, 1, 16))]
+                   (40, _tile("dot", 64, 4, 64, last=True)), (16, _tile("tiled", 32, 1, 16)),
+                   (1, _tile("dot_xsplit", 64, 4, 16, last=True)), (16, _tile("dot_xsplit", 128, 1, 16)),
+                   (40, _tile("dot_xsplit", 64, 2, 64, last=True)), (3, _tile("dot_t", 64, 4, 16, last=True)),
+                   (16, _tile("dot_t", 128, 1, 16)), (16, _tile("dot_t", 64, 2, 16)),
+                   (40, _tile("dot_t", 128, 4, 64, last=True))]
 
 
 @pytest.mark.parametrize("encoding", ["bits1", "bits2"])
@@ -152,10 +156,16 @@ def test_small_m_candidates_split_only_whole_groups(n, k):
         cands = ops._small_m_candidates(m, k // 128, n)
         assert all((k // 128) % c["SPLIT"] == 0 for c in cands)
         assert cands[-1]["kind"] == "tiled" and len(cands) >= 2
-        assert {c["kind"] for c in cands[:-1]} <= ({"gemv", "dot"} if m <= 4 else {"dot"})
+        kinds = [c["kind"] for c in cands[:-1]]
+        # bounded by rule: two gemv tiles for a few rows, the two new tensor-core kernels at the best one or two
+        # (tile, split) pairs, the round-2 dot kernel once above 4 rows; no tile twice
+        want = ({"gemv": 2, "dot_xsplit": 1, "dot_t": 1} if m <= 4 else {"dot_xsplit": 2, "dot_t": 2, "dot": 1})
+        assert {kind: kinds.count(kind) for kind in set(kinds)} == want
+        assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
+        assert all(c["LAST_REDUCES"] == (c["SPLIT"] > 1) for c in cands[:-1])
     # klein's 3072-wide layers get a K split (a bare 3072 / 64 = 48 column tiles would idle most of the GPU)
     if (n, k) == (3072, 3072):
-        assert min(c["SPLIT"] for c in ops._small_m_candidates(1, 24, n)[:-2]) >= 8
+        assert min(c["SPLIT"] for c in ops._small_m_candidates(1, 24, n)[:-1]) >= 8
 
 
 def test_quantize_kernel_equals_the_torch_emulation_bit_for_bit():
@@ -276,3 +286,61 @@ def test_a_whole_model_through_the_kernels_matches_the_reference_runtime(tiny_pa
         got = model(**kwargs)[0]
     assert swapped == len([m for m in model.modules() if isinstance(m, CudaPackedLinear)]) > 0
     assert float((got - ref).norm() / ref.norm()) < 1e-5  # fp32 both ways: summation order only
+
+
+def test_an_installed_table_replaces_the_packaged_one_until_removed():
+    packaged = dispatch.measured_table()
+    rows = [[4, "bf16"], [None, "fp8"]]
+    try:
+        dispatch.install({"shapes": {"96,384": {"binary": rows}}, "default": [[None, "fp8_scaled_mm"]]})
+        table = dispatch.measured_table()
+        assert [table.kernel(96, 384, "binary", m) for m in (1, 4, 5)] == ["bf16", "bf16", "fp8"]
+        assert table.kernel(3072, 3072, "binary", 1) == "fp8_scaled_mm"  # its own default row
+        with pytest.raises(ValueError, match=r"shapes\['96,384'\]\['ternary'\]\[0\]: m_max must be an int above 0, got 'x'"):
+            dispatch.install({"shapes": {"96,384": {"ternary": [["x", "bf16"]]}}})
+        assert dispatch.measured_table() is table  # a rejected table leaves the installed one in place
+    finally:
+        dispatch.install(None)
+    assert dispatch.measured_table() is packaged
+
+
+def test_a_disabled_kernel_kind_is_never_a_candidate_and_the_reference_stays():
+    try:
+        ops.DISABLED_KINDS.update({"dot_t", "gemv"})
+        for m in (1, 16):
+            kinds = [c["kind"] for c in ops._small_m_candidates(m, 24, 3072)]
+            assert "dot_t" not in kinds and "gemv" not in kinds and kinds[-1] == "tiled"
+            assert "dot_xsplit" in kinds
+    finally:
+        ops.DISABLED_KINDS.clear()
+    assert "dot_t" in [c["kind"] for c in ops._small_m_candidates(16, 24, 3072)]
+
+
+def test_an_unknown_small_m_kernel_is_named():
+    w = layout.from_codes(make_codes("binary", 64, 128, ramp=False, seed=0), _scales(64, 1, 0), "bits1", 128)
+    x = torch.zeros(1, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown small-M kernel 'int4'; valid: gemv, dot, dot_xsplit, dot_t, tiled"):
+        ops.small_m_matmul(x, w, torch.empty(1, 64), kind="int4", BLOCK_N=64, SPLIT=1, num_warps=4, num_stages=1)
+
+
+def test_a_layer_whose_block_scales_scaled_mm_refuses_runs_our_fp8_kernel(monkeypatch):
+    codes = make_codes("ternary", 64, 256, ramp=False, seed=21)
+    scales = _scales(64, 2, 22)
+    lin = CudaPackedLinear(layout.from_codes(codes, scales, "bits2", 128))
+    lin.forced = "fp8_scaled_mm"
+    calls = []
+
+    def refuse(x, w, out_dtype):
+        calls.append(x.shape[0])
+        raise ops.ScaledMmRefused("torch._scaled_mm refuses 1x128 block scales for [64, 256] at M = 33: test")
+
+    monkeypatch.setattr(ops, "scaled_mm_matmul", refuse)
+    monkeypatch.setattr(ops, "SCALED_MM_REFUSED", {})
+    x = torch.randn(33, 256, generator=torch.Generator().manual_seed(23))
+    for _ in range(2):
+        y = lin(x)
+        emu = emulate.fp8_matmul(x, codes, scales)
+        assert float((y - emu).abs().max() / emu.abs().max()) < 1e-6  # the same e4m3 arithmetic
+    assert calls == [33]  # refused once, remembered for that layer and M
+    assert ops.SCALED_MM_REFUSED == {(64, 256, 33): "torch._scaled_mm refuses 1x128 block scales for [64, 256] "
+                                                    "at M = 33: test"}

@@ -78,11 +78,26 @@ class Table:
         return pick(self.rows(out_features, in_features, mode), m)
 
 
+_INSTALLED: list = []  # a table installed for this process (the benchmark, once it has measured one)
+
+
 @lru_cache(maxsize=1)
-def measured_table() -> Table:
-    """The packaged table, or the fallback rule (16-bit kernels to M = 64, expanded fp8 above) where none is."""
+def _packaged_table() -> Table:
     try:
         text = resources.files(__package__).joinpath(TABLE_NAME).read_text()
     except FileNotFoundError:
         return Table({})
     return Table(json.loads(text))
+
+
+def measured_table() -> Table:
+    """The installed table, else the packaged one, else the fallback rule (16-bit kernels to M = 64, expanded
+    fp8 above)."""
+    return _INSTALLED[0] if _INSTALLED else _packaged_table()
+
+
+def install(data: dict | None) -> None:
+    """Dispatch by `data` (a table as crossover.json holds it, checked first) in this process from now on;
+    None goes back to the packaged table. `tools/bench_cuda.py` installs what it has just measured."""
+    table = None if data is None else Table(data)
+    _INSTALLED[:] = [] if table is None else [table]

@@ -3,8 +3,10 @@
 Every kernel reads the resident layout of `layout.PackedWeights` (codes[k_byte, n], scales[group, n]) and
 walks K one 128-wide group at a time, so the weight scale of a group multiplies an exact partial sum:
 
-- `packed_gemv` / `packed_dot`: the small-M kernels (M <= 64): each code byte loaded once and expanded in
-  registers, fp32 FMAs (a few rows) or tensor cores (up to 64), K split with the last program reducing.
+- `packed_gemv` / `packed_dot` / `packed_dot_t`: the small-M kernels (M <= 64): each code byte loaded once
+  and expanded in registers, fp32 FMAs (a few rows) or tensor cores (up to 64), K split with the last program
+  reducing. `packed_dot_t` computes y^T = W x^T, so the decoded codes are the tensor-core product's first
+  operand, which Hopper's wgmma reads from registers.
 - `packed_matmul`: 16-bit (or fp32) activations x codes decoded one load per code, fp32 accumulation; the
   bf16-activation path at any M, bonsai trits, and the small-M kernels' reference while tuning.
 - `quantize_e4m3`: activations to e4m3 with one power-of-two scale per (token, 128 channels).
@@ -89,8 +91,9 @@ def _codes_16(b, j: tl.constexpr, ENC: tl.constexpr, ONE: tl.constexpr):
     if ENC == 1:
         v = ((b << (15 - j)) & 0x8000) ^ (ONE | 0x8000)
     else:
-        q = (b >> (2 * j)) & 3
-        v = (ONE | (((q & 2) ^ 2) << 14)) * ((q & 1) ^ 1)
+        # slot q = code + 1: its high bit is the sign as in the binary case (set: +1); its low bit means 0 and
+        # multiplies the value away (a mask from it compiles to compare-and-select, slower here)
+        v = (((b << (14 - 2 * j)) & 0x8000) ^ (ONE | 0x8000)) * (((b >> (2 * j)) & 1) ^ 1)
     return v.to(tl.int16)
 
 
@@ -149,13 +152,38 @@ def packed_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_
 
 
 @triton.jit
+def _slots(x3, PER: tl.constexpr):
+    """[R, KB, PER] -> the PER slices x3[:, :, j] in j order, by halving the last axis (tl.split). When the load
+    puts that axis in one thread's registers the splits are register selects: Triton then hands each slice to
+    the tensor cores in their operand layout, with no pass through shared memory."""
+    r: tl.constexpr = x3.shape[0]
+    kb: tl.constexpr = x3.shape[1]
+    a, b = tl.split(tl.reshape(x3, (r, kb, PER // 2, 2)))  # j even / odd
+    if PER == 4:
+        s0, s2 = tl.split(a)
+        s1, s3 = tl.split(b)
+        return s0, s1, s2, s3
+    else:
+        a0, a1 = tl.split(tl.reshape(a, (r, kb, 2, 2)))  # j = 0, 4 / 2, 6
+        b0, b1 = tl.split(tl.reshape(b, (r, kb, 2, 2)))  # j = 1, 5 / 3, 7
+        s0, s4 = tl.split(a0)
+        s2, s6 = tl.split(a1)
+        s1, s5 = tl.split(b0)
+        s3, s7 = tl.split(b1)
+        return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
 def packed_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_xm, stride_os,
                       ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
                       LAST_REDUCES: tl.constexpr, ONE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, XSPLIT: tl.constexpr = False):
     """Up to 64 rows on tensor cores: per group, the [128 / PER, BLOCK_N] code bytes are loaded once and the
     j-th code of each byte is a [KB, BLOCK_N] operand against the activations x[:, PER * kb + j] (so no
-    reshape of the expanded tile is needed); the group's partial product is fp32, then scaled."""
+    reshape of the expanded tile is needed); the group's partial product is fp32, then scaled.
+
+    XSPLIT: the group's activations are one [BLOCK_M, KB, PER] load (contiguous, pipelined) split into the
+    PER slot operands in registers, instead of PER strided loads staged through shared memory one by one."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -170,15 +198,59 @@ def packed_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_x
         offs_kb = g * KB + tl.arange(0, KB)
         b = tl.load(w_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0).to(tl.int32)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_kb[None, :] * PER + j, mask=mask_m[:, None],
-                         other=0.0)
-            c = _codes_16(b, j, ENC, ONE).to(x_ptr.dtype.element_ty, bitcast=True)
-            part = tl.dot(xj, c, part)
+        if XSPLIT:
+            offs_j = tl.arange(0, PER)
+            x3 = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + offs_kb[None, :, None] * PER
+                         + offs_j[None, None, :], mask=mask_m[:, None, None], other=0.0)
+            xs = _slots(x3, PER)
+            for j in tl.static_range(PER):
+                c = _codes_16(b, j, ENC, ONE).to(x_ptr.dtype.element_ty, bitcast=True)
+                part = tl.dot(xs[j], c, part)
+        else:
+            for j in tl.static_range(PER):
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_kb[None, :] * PER + j,
+                             mask=mask_m[:, None], other=0.0)
+                c = _codes_16(b, j, ENC, ONE).to(x_ptr.dtype.element_ty, bitcast=True)
+                part = tl.dot(xj, c, part)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += part * s[None, :]
     _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
                     offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], pid_k, stride_os,
+                    SPLIT, LAST_REDUCES)
+
+
+@triton.jit
+def packed_dot_t_kernel(x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, cnt_ptr, M, N, stride_xm, stride_os,
+                        ENC: tl.constexpr, PER: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                        LAST_REDUCES: tl.constexpr, ONE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """`packed_dot` transposed: y^T [BLOCK_N, BLOCK_M] = codes [BLOCK_N, KB] @ x^T [KB, BLOCK_M] per code slot,
+    so the codes are the product's first operand. On Hopper a BLOCK_N of 64 or more makes that a wgmma whose
+    first operand comes from registers: the code bytes are decoded where they land (the operand's register
+    layout) and only the small x^T tile is staged in shared memory, as wgmma's second operand must be."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    KB: tl.constexpr = 128 // PER
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in range(0, GPS):
+        g = pid_k * GPS + i
+        offs_kb = g * KB + tl.arange(0, KB)
+        b = tl.load(w_ptr + offs_kb[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0).to(tl.int32)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            xj = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_kb[:, None] * PER + j, mask=mask_m[None, :],
+                         other=0.0)
+            c = _codes_16(b, j, ENC, ONE).to(x_ptr.dtype.element_ty, bitcast=True)
+            part = tl.dot(c, xj, part)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[:, None]
+    _split_epilogue(acc, y_ptr, p_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
+                    offs_m[None, :] * N + offs_n[:, None], mask_m[None, :] & mask_n[:, None], pid_k, stride_os,
                     SPLIT, LAST_REDUCES)
 
 

@@ -14,8 +14,11 @@ from . import kernels as K
 from .layout import CODES_PER_BYTE, ENCODINGS, PackedWeights
 
 _BEST: dict[tuple, dict] = {}
+TUNED: dict[tuple, list] = {}  # key -> [(ms, config)] of every config timed while tuning (the benchmark reports it)
 REJECTED: list = []  # (key, config) pairs whose output disagreed with the tiled kernel's while tuning
+TUNE_MS = {"warmup": 2, "rep": 8}  # triton.testing.do_bench's budget per config, ms: a layer tunes well under 1 s
 _SCALED_MM_LAYOUT: dict[str, int] = {}
+SCALED_MM_REFUSED: dict[tuple, str] = {}  # (out, in, M) -> why torch._scaled_mm refused the block scales
 EXPAND: dict = {"words": None}  # whether the word-at-a-time expansion compiled here (None: not tried yet)
 
 
@@ -48,11 +51,12 @@ def _pick(key: tuple, candidates: list[dict], launch, accept=None) -> None:
                         if not accept():
                             REJECTED.append((key, cfg))
                             continue
-                    timed.append((triton.testing.do_bench(lambda: launch(**cfg), warmup=3, rep=15), cfg))
+                    timed.append((triton.testing.do_bench(lambda: launch(**cfg), **TUNE_MS), cfg))
                 except Exception:  # a tile that does not fit this device's shared memory: skip it
                     continue
             if not timed:
                 raise RuntimeError(f"no kernel configuration runs for {key}")
+            TUNED[key] = timed
             best = min(timed, key=lambda t: t[0])[1]
         _BEST[key] = best
     launch(**best)
@@ -75,34 +79,46 @@ ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # the bit pattern of
 SMS = 132  # an H200's multiprocessors: the split-K target below (a guess on other devices; tuning decides)
 
 
-def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
-    """Tiles for the byte-once kernels. The weight read is the cost, so the grid must keep enough bytes in
-    flight: (column tile, K split) pairs giving ~2-16 programs per multiprocessor are kept, closest to ~8
-    first, four of them (each is a compile per layer width when tuned)."""
-    rows = m if m <= 4 else 1
+def _tiles(programs_per_tile: int, groups: int, n: int, count: int, widths=(64, 128, 256)) -> list[tuple]:
+    """(column tile, K split) pairs: the weight read is the cost, so the grid must keep enough bytes in flight;
+    pairs giving ~2-16 programs per multiprocessor are kept, closest to ~8 first (each is a compile per layer
+    width when tuned, so only `count` of them)."""
     options = []
-    for bn in (64, 128, 256):
+    for bn in widths:
         for split in (1, 2, 3, 4, 6, 8, 12, 24):
             if groups % split:
                 continue
-            programs = -(-n // bn) * split * rows
+            programs = -(-n // bn) * split * programs_per_tile
             if 2 * SMS <= programs <= 16 * SMS or (split == 1 and programs < 2 * SMS):
                 options.append((abs(programs - 8 * SMS) / (8 * SMS) + 0.1 * (bn == 256), bn, split))
     options.sort()
-    picked = [(bn, split) for _, bn, split in options[:4]] or [(128, 1)]
+    return [(bn, split) for _, bn, split in options[:count]] or [(min(widths[-1], 128), 1)]
+
+
+SMALL_M_KINDS = ("gemv", "dot", "dot_xsplit", "dot_t", "tiled")
+DISABLED_KINDS: set = set()  # kinds this process must not tune (a benchmark saw them fault in another process)
+
+
+def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
+    """Tiles for the byte-once kernels, chosen by rule so that tuning a layer compiles a handful: two gemv
+    tiles (M <= 4), the tensor-core kernels (x split in registers, and transposed with the codes as the first
+    operand) at the one or two best (column tile, split) pairs, the round-2 dot kernel once, and last the
+    tiled kernel, the reference every other tile is checked against while tuning. Split tiles reduce in their
+    last program (one launch)."""
+    bm = max(16, m_bucket(m))
+    cands = []
     if m <= 4:
-        cands = [dict(kind="gemv", BLOCK_N=bn, SPLIT=sp, num_warps=8 if bn == 256 else 4, num_stages=3)
-                 for bn, sp in picked]
-        bn, sp = picked[0]
-        cands.append(dict(kind="dot", BLOCK_M=16, BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4, num_stages=3))
-    else:
-        cands = [dict(kind="dot", BLOCK_M=max(16, m_bucket(m)), BLOCK_N=min(bn, 128), SPLIT=sp, num_warps=4,
-                      num_stages=3) for bn, sp in picked]
-        cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
-    # Split tiles reduce in their last program (one launch); the first also as two launches, in case the
-    # arrival counting costs more than a launch on some device.
-    two_pass = [dict(c) for c in cands[:1] if c["SPLIT"] > 1]
-    cands = [dict(c, LAST_REDUCES=c["SPLIT"] > 1) for c in cands] + two_pass
+        cands += [dict(kind="gemv", BLOCK_N=bn, SPLIT=sp, num_warps=8 if bn == 256 else 4, num_stages=3)
+                  for bn, sp in _tiles(m, groups, n, 2)]
+    dot_tiles = _tiles(1, groups, n, 1 if m <= 4 else 2, widths=(64, 128))
+    cands += [dict(kind="dot_xsplit", BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, num_warps=4, num_stages=3)
+              for bn, sp in dot_tiles]
+    cands += [dict(kind="dot_t", BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, num_warps=4, num_stages=3)
+              for bn, sp in dot_tiles]
+    if m > 4:
+        bn, sp = dot_tiles[0]
+        cands.append(dict(kind="dot", BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp, num_warps=4, num_stages=3))
+    cands = [dict(c, LAST_REDUCES=c["SPLIT"] > 1) for c in cands if c["kind"] not in DISABLED_KINDS]
     cands.append(dict(kind="tiled", BLOCK_M=16 if m <= 16 else m_bucket(m), BLOCK_N=32, SPLIT=1, num_warps=4,
                       num_stages=3))
     return cands
@@ -111,8 +127,11 @@ def _small_m_candidates(m: int, groups: int, n: int = 3072) -> list[dict]:
 def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str, BLOCK_N: int, SPLIT: int,
                    num_warps: int, num_stages: int, BLOCK_M: int = 1, LAST_REDUCES: bool = False) -> None:
     """y[M, N] = x @ (codes * s)^T through one byte-once kernel ("gemv": one row per program, fp32 FMAs;
-    "dot": tensor cores) or the tiled one ("tiled"), with K split SPLIT ways, the fp32 partial outputs summed
-    in split order by each tile's last program (LAST_REDUCES) or by a second launch."""
+    "dot", "dot_xsplit", "dot_t": tensor cores, see `kernels`) or the tiled one ("tiled"), with K split SPLIT
+    ways, the fp32 partial outputs summed in split order by each tile's last program (LAST_REDUCES) or by a
+    second launch."""
+    if kind not in SMALL_M_KINDS:
+        raise ValueError(f"unknown small-M kernel {kind!r}; valid: {', '.join(SMALL_M_KINDS)}")
     m, n, k = x.shape[0], w.out_features, w.in_features
     enc = ENCODINGS[w.encoding]
     if kind == "tiled":
@@ -132,9 +151,12 @@ def small_m_matmul(x: torch.Tensor, w: PackedWeights, y: torch.Tensor, kind: str
         raise ValueError(f"{grid[0] * grid[1]} output tiles exceed the {Counters.SIZE} split-K counters")
     if kind == "gemv":
         K.packed_gemv_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n, **common)
+    elif kind == "dot_t":
+        K.packed_dot_t_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n,
+                                    ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, **common)
     else:
         K.packed_dot_kernel[grid](x, w.codes, w.scales, y, p, cnt, m, n, x.stride(0), m * n,
-                                  ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, **common)
+                                  ONE=ONE_BITS[x.dtype], BLOCK_M=BLOCK_M, XSPLIT=kind == "dot_xsplit", **common)
     if SPLIT > 1 and not LAST_REDUCES:
         K.split_sum_kernel[(-(-(m * n) // 1024),)](p, y, m * n, SPLIT=SPLIT, BLOCK=1024, num_warps=4)
 
@@ -296,4 +318,10 @@ def scaled_mm_matmul(x: torch.Tensor, w: PackedWeights, out_dtype: torch.dtype) 
             continue
         _SCALED_MM_LAYOUT["b"] = i
         return y
-    raise RuntimeError(f"torch._scaled_mm refuses 1x128 block scales here: {last}")
+    raise ScaledMmRefused(f"torch._scaled_mm refuses 1x128 block scales for [{w.out_features}, {w.in_features}] "
+                          f"at M = {x.shape[0]}: {last}")
+
+
+class ScaledMmRefused(RuntimeError):
+    """This torch build's `_scaled_mm` takes no 1x128 block scales at this shape (CudaPackedLinear then runs
+    `packed_fp8_matmul`, the same arithmetic)."""
