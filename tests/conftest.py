@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from bonsai_quant.flux2 import preset_config
-from bonsai_quant.synthetic import write_checkpoint
+# Triton decides at import whether @triton.jit functions run in its interpreter, and torch or diffusers may import
+# triton while other test modules are collected: the CUDA backend's kernels run on the CPU only if this is set first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bonsai_quant.flux2 import preset_config  # noqa: E402
+from bonsai_quant.synthetic import write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

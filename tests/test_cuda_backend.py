@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels module is first imported
+os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py, before anything imports triton
 pytest.importorskip("triton")
 
 from bonsai_quant.convert import convert  # noqa: E402
