@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .checkpoint import read_header
@@ -56,11 +58,20 @@ def _manifest_text(manifest: dict) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
+def digest_files(paths: list[Path]) -> list[tuple[str, dict[str, str]]]:
+    """`_digest_file` of each path, in order; files are hashed side by side (hashlib releases the GIL on large
+    buffers, and a pack's digests are otherwise a single core's sequential read of every byte)."""
+    if len(paths) < 2:
+        return [_digest_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_digest_file, paths))
+
+
 def write_manifest(folder: Path) -> dict:
     files, tensors = {}, {}
-    for path in _files(folder):
+    paths = _files(folder)
+    for path, (digest, per_tensor) in zip(paths, digest_files(paths)):
         rel = path.relative_to(folder).as_posix()
-        digest, per_tensor = _digest_file(path)
         files[rel] = {"bytes": path.stat().st_size, "sha256": digest}
         tensors.update({name: {"file": rel, "sha256": d} for name, d in per_tensor.items()})
     manifest = {"format_version": FORMAT_VERSION, "files": files, "tensors": tensors}

@@ -8,8 +8,10 @@ conversion runs on 85M-weight tensors on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
+import numpy as np
 import torch
 
 from bonsai_quant.errors import PackError
@@ -84,7 +86,12 @@ def doubled(scales: torch.Tensor, target: str) -> torch.Tensor:
 
 
 def codes_to_q(codes: torch.Tensor, mode: str) -> torch.Tensor:
-    """int8 codes -> uint8 slot values, checking the alphabet on the way (no int64 temporaries)."""
+    """int8 codes -> uint8 slot values, checking the alphabet on the way (no int64 temporaries).
+
+    Inside `shared_slots()` the result for one codes tensor is computed once for every target that asks."""
+    key = ("q", id(codes), codes._version, mode)
+    if _SHARED is not None and key in _SHARED:
+        return _SHARED[key][1]
     # Adding 1 in uint8 wraps -1 (0xFF) to 0, so the alphabet check is a cheap bit test / max.
     q = codes.contiguous().view(torch.uint8) + 1
     if mode == "binary":
@@ -98,7 +105,24 @@ def codes_to_q(codes: torch.Tensor, mode: str) -> torch.Tensor:
                         f"at {where}")
     if mode == "binary":
         q >>= 1
+    if _SHARED is not None:
+        _SHARED[key] = (codes, q)  # holding codes keeps its id from being reused within the block
     return q
+
+
+_SHARED: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_slots():
+    """Within the block, slot values and packed bytes are computed once per codes tensor: convert packs each
+    layer for several targets, and MLX, gemlite and (binary) bonsai store the same LSB-first bytes."""
+    global _SHARED
+    outer, _SHARED = _SHARED, {}
+    try:
+        yield
+    finally:
+        _SHARED = outer
 
 
 def q_to_codes(q: torch.Tensor, mode: str, what: str) -> torch.Tensor:
@@ -111,20 +135,45 @@ def q_to_codes(q: torch.Tensor, mode: str, what: str) -> torch.Tensor:
 
 def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [rows, cols] of values < 2**bits -> uint8 [rows, cols*bits/8], element j of a byte at bits j*bits.."""
+    key = ("bytes", id(q), q._version, bits)
+    if _SHARED is not None and key in _SHARED:
+        return _SHARED[key][1]
     per_byte = 8 // bits
-    fields = q.view(q.shape[0], -1, per_byte)
-    out = fields[..., 0].contiguous()
-    tmp = torch.empty_like(out)
-    # One strided pass per slot beat multiply-sum and word-level tricks on 2 cores (uint8 stays narrow).
-    for j in range(1, per_byte):
-        torch.bitwise_left_shift(fields[..., j], j * bits, out=tmp)
-        out |= tmp
+    rows = q.shape[0]
+    if q.shape[1] % per_byte:
+        raise PackError(f"{q.shape[1]} values per row do not fill whole bytes of {per_byte} {bits}-bit fields")
+    q = q.contiguous()
+    if bits == 1:
+        out = torch.from_numpy(np.packbits(q.numpy(), axis=-1, bitorder="little"))
+    elif bits == 2:
+        # Four slots are one little-endian word q0 + q1<<8 + q2<<16 + q3<<24; shifting by 6, 12 and 18 brings
+        # q1, q2, q3 to bits 2, 4 and 6 of the low byte, and nothing else lands there (values are < 4). numpy's
+        # uint32 shifts run at twice the speed of the strided uint8 passes; the cast keeps the low byte.
+        _require_little_endian()
+        words = q.numpy().view(np.uint32)
+        acc = words >> 6
+        acc |= words
+        acc |= words >> 12
+        acc |= words >> 18
+        out = torch.from_numpy(acc.astype(np.uint8))
+    else:
+        fields = q.view(rows, -1, per_byte)
+        out = fields[..., 0].contiguous()
+        tmp = torch.empty_like(out)
+        for j in range(1, per_byte):
+            torch.bitwise_left_shift(fields[..., j], j * bits, out=tmp)
+            out |= tmp
+    out = out.reshape(rows, -1)
+    if _SHARED is not None:
+        _SHARED[key] = (q, out)
     return out
 
 
 def unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of pack_bytes: uint8 [rows, n] (any strides) -> uint8 [rows, n*8/bits], row-major."""
     per_byte = 8 // bits
+    if bits == 1 and packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.contiguous().numpy(), axis=-1, bitorder="little"))
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     fields = (packed.unsqueeze(-1) >> shifts).bitwise_and_((1 << bits) - 1)
     # The shift's output follows the input's memory order, so a strided input needs reshape, not view.

@@ -7,7 +7,9 @@ fields are "format" and "weights"), so the same model gives byte-identical packs
 
 from __future__ import annotations
 
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from ..checkpoint import Entry, Shard, ShardedWriter, shard_layout
 from ..manifest import write_manifest
+from .bits import shared_slots
 from .config import PackConfig
 from .targets import target as registered
 
@@ -121,15 +124,18 @@ class PackSet:
             writer.write(registered(target).stored_name(slot.name), tensor)
 
     def quantized(self, slot: Slot, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        for target, writer in self.writers.items():
-            found = registered(target)
-            for suffix, packed in found.pack(codes, scales, slot.mode, self.group_size).items():
-                writer.write(found.stored_name(f"{slot.module}.{suffix}"), packed)
+        with shared_slots():
+            for target, writer in self.writers.items():
+                found = registered(target)
+                for suffix, packed in found.pack(codes, scales, slot.mode, self.group_size).items():
+                    writer.write(found.stored_name(f"{slot.module}.{suffix}"), packed)
 
     def close(self) -> None:
-        for target, writer in self.writers.items():
+        for writer in self.writers.values():
             writer.close()
-            write_manifest(self.folders[target])
+        # The packs' digests side by side: each is a sequential read of its files, one core apiece.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self.folders), os.cpu_count() or 1))) as pool:
+            list(pool.map(write_manifest, self.folders.values()))
 
     def abort(self) -> None:
         for writer in self.writers.values():
