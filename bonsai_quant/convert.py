@@ -15,6 +15,8 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -129,15 +131,26 @@ def convert_into(folder: Path, checkpoint: Checkpoint, plan: Plan, max_shard_byt
                  slots) as packs:
         total = sum(d.source_nbytes for d in plan.decisions)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
-                  disable=not (verbose and sys.stderr.isatty())) as bar:
+                  disable=not (verbose and sys.stderr.isatty())) as bar, ThreadPoolExecutor(max_workers=1) as writer:
+            # Packing and writing one tensor overlaps reading and quantizing the next: those run on every core
+            # but leave gaps (reads, per-chunk Python), and the packers' passes fill them. One tensor at most is
+            # in the writer, so memory holds two layers' codes, not the model.
+            pending = None
             for d, slot in zip(plan.decisions, slots):
-                record, warning = _convert_one(checkpoint, plan, d, slot, packs, stats)
+                try:
+                    record, warning, write = _convert_one(checkpoint, plan, d, slot, packs, stats)
+                finally:
+                    if pending is not None:
+                        pending.result()  # the earlier tensor's error first, as a sequential run raises it
+                pending = writer.submit(write)
                 records.append(record)
                 if warning:
                     warnings.append(warning)
                     echo(f"warning: {warning}")
                 echo(_log_line(d, record))
                 bar.update(d.source_nbytes)
+            if pending is not None:
+                pending.result()
     report = _report(checkpoint, plan, records, warnings, folder, names)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -173,7 +186,8 @@ def calibration_record(calib, wanted: dict, dtype: torch.dtype) -> dict:
 
 
 def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, packs: PackSet,
-                 stats=None) -> tuple[dict, str | None]:
+                 stats=None) -> tuple[dict, str | None, Callable[[], None]]:
+    """Read and quantize one tensor: (its report record, a warning or None, the call that packs and writes it)."""
     tensor = checkpoint.load(d.name)
     record = {"name": d.name, "action": d.action, "rule": d.rule_label, "role": d.spec.role,
               "shape": list(d.spec.shape), "source_dtype": str(d.source_dtype).removeprefix("torch.")}
@@ -181,18 +195,16 @@ def _convert_one(checkpoint: Checkpoint, plan: Plan, d: Decision, slot: Slot, pa
         if tensor.is_floating_point():
             check_finite(tensor, d.name)
         kept, warning = cast_kept(tensor, d)
-        packs.kept(slot, kept)
         record["dtype"] = str(kept.dtype).removeprefix("torch.")
-        return record, warning
+        return record, warning, lambda: packs.kept(slot, kept)
     q = quantize(tensor, d.mode, plan.recipe.group_size, plan.scale_dtype, d.solver, name=d.name,
                  stats=stats.get(d.name) if stats is not None else None)
-    packs.quantized(slot, q.codes, q.scales)
     record.update(mode=d.mode, solver=d.solver, rel_error=figure(q.rel_error))
     objective = objective_rel_error(tensor, q.codes, q.scales, plan.recipe.group_size, d.solver,
                                     stats.get(d.name) if stats is not None else None)
     if objective is not None:
         record["objective_rel_error"] = figure(objective)
-    return record, None
+    return record, None, lambda: packs.quantized(slot, q.codes, q.scales)
 
 
 def _log_line(d: Decision, record: dict) -> str:

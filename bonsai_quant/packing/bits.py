@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -89,9 +90,10 @@ def codes_to_q(codes: torch.Tensor, mode: str) -> torch.Tensor:
     """int8 codes -> uint8 slot values, checking the alphabet on the way (no int64 temporaries).
 
     Inside `shared_slots()` the result for one codes tensor is computed once for every target that asks."""
+    shared = getattr(_SHARED, "memo", None)
     key = ("q", id(codes), codes._version, mode)
-    if _SHARED is not None and key in _SHARED:
-        return _SHARED[key][1]
+    if shared is not None and key in shared:
+        return shared[key][1]
     # Adding 1 in uint8 wraps -1 (0xFF) to 0, so the alphabet check is a cheap bit test / max.
     q = codes.contiguous().view(torch.uint8) + 1
     if mode == "binary":
@@ -105,24 +107,24 @@ def codes_to_q(codes: torch.Tensor, mode: str) -> torch.Tensor:
                         f"at {where}")
     if mode == "binary":
         q >>= 1
-    if _SHARED is not None:
-        _SHARED[key] = (codes, q)  # holding codes keeps its id from being reused within the block
+    if shared is not None:
+        shared[key] = (codes, q)  # holding codes keeps its id from being reused within the block
     return q
 
 
-_SHARED: dict | None = None
+_SHARED = threading.local()  # .memo: the open shared_slots() block's results, per thread
 
 
 @contextlib.contextmanager
 def shared_slots():
     """Within the block, slot values and packed bytes are computed once per codes tensor: convert packs each
     layer for several targets, and MLX, gemlite and (binary) bonsai store the same LSB-first bytes."""
-    global _SHARED
-    outer, _SHARED = _SHARED, {}
+    outer = getattr(_SHARED, "memo", None)
+    _SHARED.memo = {}
     try:
         yield
     finally:
-        _SHARED = outer
+        _SHARED.memo = outer
 
 
 def q_to_codes(q: torch.Tensor, mode: str, what: str) -> torch.Tensor:
@@ -135,9 +137,10 @@ def q_to_codes(q: torch.Tensor, mode: str, what: str) -> torch.Tensor:
 
 def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [rows, cols] of values < 2**bits -> uint8 [rows, cols*bits/8], element j of a byte at bits j*bits.."""
+    shared = getattr(_SHARED, "memo", None)
     key = ("bytes", id(q), q._version, bits)
-    if _SHARED is not None and key in _SHARED:
-        return _SHARED[key][1]
+    if shared is not None and key in shared:
+        return shared[key][1]
     per_byte = 8 // bits
     rows = q.shape[0]
     if q.shape[1] % per_byte:
@@ -164,8 +167,8 @@ def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
             torch.bitwise_left_shift(fields[..., j], j * bits, out=tmp)
             out |= tmp
     out = out.reshape(rows, -1)
-    if _SHARED is not None:
-        _SHARED[key] = (q, out)
+    if shared is not None:
+        shared[key] = (q, out)
     return out
 
 
