@@ -28,12 +28,13 @@ READ = ("import sys, time; from bonsai_quant.checkpoint import Checkpoint; t = t
 _WRAP = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
          "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True); "
          "print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter() - t, "
-         "'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+         "'peak_rss_bytes': (r := resource.getrusage(resource.RUSAGE_CHILDREN)).ru_maxrss * 1024, "
+         "'cpu_seconds': r.ru_utime + r.ru_stime, "
          "'stdout': p.stdout[-20000:], 'stderr': p.stderr[-4000:]}))")
 
 
 def measured(cmd: list[str]) -> dict:
-    """Wall seconds and peak RSS of one command in its own process."""
+    """Wall seconds, CPU seconds (user + system, every thread) and peak RSS of one command in its own process."""
     result = json.loads(subprocess.run([sys.executable, "-c", _WRAP, *cmd], check=True, capture_output=True,
                                        text=True).stdout)
     if result["rc"] != 0:
@@ -62,18 +63,30 @@ def main() -> int:
         measured([sys.executable, str(Path(__file__).parent / "make_checkpoint.py"), "--preset", args.preset,
                   "--out", str(ckpt)])
     rows: list[dict] = []
+    today = datetime.date.today().isoformat()
+    path = args.json or Path(__file__).resolve().parents[1] / "docs" / "measurements" / f"bench_pipeline_{today}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every step, so an interrupted run keeps what it measured
+        path.write_text(json.dumps({"preset": args.preset, "date": today, "cpu_count": os.cpu_count(),
+                                    "machine": platform.machine(), "python": platform.python_version(),
+                                    "load_average_at_start": load_at_start, "steps": rows}, indent=2) + "\n")
 
     def record(step: str, what: str, result: dict, **extra) -> dict:
         row = {"step": step, "what": what, "seconds": round(result["seconds"], 2),
+               "cpu_seconds": round(result["cpu_seconds"], 2),
                "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3), **extra}
         floor = next((r["seconds"] for r in rows if r["step"] == "read"), None)
         row["x_read_floor"] = round(row["seconds"] / floor, 2) if floor else None
         rows.append(row)
+        save()
         print(f"{step:<8} {what:<34} {row['seconds']:>8.1f} s {row['x_read_floor'] or 0:>6.2f}x "
-              f"{row['peak_rss_gb']:>6.2f} GB", flush=True)
+              f"{row['cpu_seconds']:>8.1f} s {row['peak_rss_gb']:>6.2f} GB", flush=True)
         return row
 
-    print(f"{'step':<8} {'what':<34} {'seconds':>10} {'x read':>7} {'peak':>9}")
+    load_at_start = [round(v, 2) for v in os.getloadavg()]
+    print(f"load average {load_at_start} (figures are only comparable on a quiet machine)")
+    print(f"{'step':<8} {'what':<34} {'seconds':>10} {'x read':>7} {'cpu':>10} {'peak':>9}")
     if "read" in steps:
         record("read", "validate + every tensor to float32", measured([sys.executable, "-c", READ, str(ckpt)]))
     for mode in modes:
@@ -96,12 +109,7 @@ def main() -> int:
         record("release", "ternary, three packs, verified",
                measured(cli("release", "--model", str(ckpt), "--mode", "ternary", "--out",
                             str(args.work / "release-ternary"), "--force", "--quiet")))
-    today = datetime.date.today().isoformat()
-    path = args.json or Path(__file__).resolve().parents[1] / "docs" / "measurements" / f"bench_pipeline_{today}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"preset": args.preset, "date": today, "cpu_count": os.cpu_count(),
-                                "machine": platform.machine(), "python": platform.python_version(),
-                                "steps": rows}, indent=2) + "\n")
+    save()
     print(f"wrote {path}")
     return 0
 
