@@ -76,9 +76,9 @@ def main() -> int:
         row = {"step": step, "what": what, "seconds": round(result["seconds"], 2),
                "cpu_seconds": round(result["cpu_seconds"], 2),
                "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3), **extra}
+        rows.append(row)
         floor = next((r["seconds"] for r in rows if r["step"] == "read"), None)
         row["x_read_floor"] = round(row["seconds"] / floor, 2) if floor else None
-        rows.append(row)
         save()
         print(f"{step:<8} {what:<34} {row['seconds']:>8.1f} s {row['x_read_floor'] or 0:>6.2f}x "
               f"{row['cpu_seconds']:>8.1f} s {row['peak_rss_gb']:>6.2f} GB", flush=True)
