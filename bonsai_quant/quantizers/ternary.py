@@ -44,8 +44,13 @@ def _optimal(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ordered = torch.from_numpy(ordered)
     sums = ordered.cumsum(dim=-1)  # -S_k
     k = torch.arange(1, mag.shape[-1] + 1, dtype=torch.float32)
-    best = (sums * sums / k).argmax(dim=-1, keepdim=True)  # first maximum: the smallest support wins ties
+    objective = sums.square().div_(k)
+    # numpy's argmax over a short last axis is ~5x torch's; both return the first maximum, so the smallest
+    # support wins ties.
+    best = torch.from_numpy(np.argmax(objective.numpy(), axis=-1)[:, None])
     threshold = -ordered.gather(-1, best)
     scale = (-sums.gather(-1, best) / (best + 1)).squeeze(-1)
-    support = (mag >= threshold) & (threshold > 0)  # an all-zero group keeps no support
+    # An all-zero group keeps no support: its threshold becomes +inf, which no finite |w| reaches (one
+    # comparison instead of a second one and a boolean and).
+    support = mag >= threshold.masked_fill_(threshold <= 0, float("inf"))
     return support, scale
