@@ -137,3 +137,26 @@ def test_stored_names_translate_back(name):
     want = list(NAMES_SEEN) if name != "mflux" else [  # mflux's module names differ from diffusers' in two places
         "time_guidance_embed.linear_1.weight", "transformer_blocks.3.attn.to_out.scales", *NAMES_SEEN[2:]]
     assert stored == want
+
+
+@pytest.mark.parametrize("mode", ["binary", "ternary"])
+def test_packing_every_target_in_one_shared_block_gives_the_bytes_of_packing_each_alone(mode):
+    """convert packs a layer for all targets inside `shared_slots()` (slot bytes computed once): each target's
+    tensors must be those it writes alone, and codes changed in place must not be served from the block."""
+    from bonsai_quant.packing.bits import shared_slots
+
+    codes = make_codes(mode, 48, 256, False, 3)
+    scales = make_scales(48, 2, torch.bfloat16, 3).abs()
+    alone = {name: TARGETS[name].pack(codes, scales, mode, 128) for name in ("mlx", "gemlite", "bonsai")}
+    with shared_slots():
+        shared = {name: TARGETS[name].pack(codes, scales, mode, 128) for name in ("mlx", "gemlite", "bonsai")}
+        was = int(codes[0, 0])
+        codes[0, 0] = -1 if was == 1 else 1  # in place: a new version of the same tensor
+        flipped = TARGETS["mlx"].pack(codes, scales, mode, 128)
+    for name in alone:
+        assert alone[name].keys() == shared[name].keys()
+        for key, tensor in alone[name].items():
+            assert tensor.dtype == shared[name][key].dtype and torch.equal(tensor, shared[name][key]), (name, key)
+    assert torch.equal(TARGETS["mlx"].unpack(flipped, mode, 128)[0], codes)
+    codes[0, 0] = was
+    assert not torch.equal(flipped["weight"], alone["mlx"]["weight"])

@@ -160,12 +160,7 @@ def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
         acc |= words >> 18
         out = torch.from_numpy(acc.astype(np.uint8))
     else:
-        fields = q.view(rows, -1, per_byte)
-        out = fields[..., 0].contiguous()
-        tmp = torch.empty_like(out)
-        for j in range(1, per_byte):
-            torch.bitwise_left_shift(fields[..., j], j * bits, out=tmp)
-            out |= tmp
+        raise PackError(f"{bits}-bit slots: packs hold 1-bit (binary) or 2-bit (ternary) slots")
     out = out.reshape(rows, -1)
     if shared is not None:
         shared[key] = (q, out)
