@@ -145,6 +145,7 @@ def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
     rows = q.shape[0]
     if q.shape[1] % per_byte:
         raise PackError(f"{q.shape[1]} values per row do not fill whole bytes of {per_byte} {bits}-bit fields")
+    held = q  # kept in the memo with the result, so its id is not reused within the block
     q = q.contiguous()
     if bits == 1:
         out = torch.from_numpy(np.packbits(q.numpy(), axis=-1, bitorder="little"))
@@ -163,7 +164,7 @@ def pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
         raise PackError(f"{bits}-bit slots: packs hold 1-bit (binary) or 2-bit (ternary) slots")
     out = out.reshape(rows, -1)
     if shared is not None:
-        shared[key] = (q, out)
+        shared[key] = (held, out)
     return out
 
 
