@@ -110,7 +110,10 @@ def release(model: Path, recipe: Recipe, out: Path, targets: tuple[str, ...] | N
         for part in parts:
             _copy_part(Path(base_pipeline) / part, tmp / part)
         (tmp / "recipe.yaml").write_text(recipe.text)
-        checks = verify(tmp, reproducible=True) if run_verify else None
+        # Against the source as well: each pack's every stored bit equals re-quantizing it (one source read and
+        # one re-quantization per tensor for all the packs).
+        checks = (verify(tmp, source=checkpoint.path, calib=plan.recipe.calibration_path(), reproducible=True)
+                  if run_verify else None)
         if checks is not None:
             for pack in checks["packs"]:
                 pack["folder"] = Path(pack["folder"]).name
