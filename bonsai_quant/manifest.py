@@ -56,16 +56,33 @@ def _manifest_text(manifest: dict) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
-def write_manifest(folder: Path) -> dict:
+def write_manifest(folder: Path, known: dict[str, tuple[int, str, dict[str, str]]] | None = None) -> dict:
+    """`known`: {relative path: (bytes, sha256, per-tensor sha256)} of files whose bytes this run has already
+    checked against those digests (a release's packs, verified against their own manifests), taken instead of
+    hashing the files again while their size matches."""
     files, tensors = {}, {}
     for path in _files(folder):
         rel = path.relative_to(folder).as_posix()
-        digest, per_tensor = _digest_file(path)
-        files[rel] = {"bytes": path.stat().st_size, "sha256": digest}
+        size = path.stat().st_size
+        if known and rel in known and known[rel][0] == size:
+            _, digest, per_tensor = known[rel]
+        else:
+            digest, per_tensor = _digest_file(path)
+        files[rel] = {"bytes": size, "sha256": digest}
         tensors.update({name: {"file": rel, "sha256": d} for name, d in per_tensor.items()})
     manifest = {"format_version": FORMAT_VERSION, "files": files, "tensors": tensors}
     (folder / MANIFEST_NAME).write_text(_manifest_text(manifest))
     return manifest
+
+
+def listed_digests(folder: Path, prefix: str) -> dict[str, tuple[int, str, dict[str, str]]]:
+    """A checked manifest's entries as `write_manifest(known=...)` takes them, each path under `prefix/`
+    (the data files only: the manifest itself is hashed by whoever lists it)."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    per_file: dict[str, dict[str, str]] = {}
+    for name, entry in manifest["tensors"].items():
+        per_file.setdefault(entry["file"], {})[name] = entry["sha256"]
+    return {f"{prefix}/{rel}": (e["bytes"], e["sha256"], per_file.get(rel, {})) for rel, e in manifest["files"].items()}
 
 
 def check_manifest(folder: Path, hashes: bool = True) -> list[str]:
