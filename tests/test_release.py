@@ -151,3 +151,21 @@ def test_a_release_whose_second_pack_has_one_wrong_code_fails_naming_it(tiny_ckp
         assert steps[folder]["exactness"]["detail"].endswith(
             f"; equal to re-quantizing {tiny_ckpt.name} under the recorded recipe")  # a name, not a path
     assert json.loads((out / "verify.json").read_text())["ok"] is False
+
+
+def test_the_release_manifest_reuses_the_digests_verify_checked(tiny_ckpt, tmp_path, monkeypatch):
+    """Each pack file is hashed when its pack's manifest is written and when verify checks it, not a third time
+    for the release's manifest, which still lists exactly what hashing would give (check_release reads it)."""
+    from collections import Counter
+
+    from bonsai_quant import manifest
+
+    digested = Counter()
+    original = manifest._digest_file
+    monkeypatch.setattr(manifest, "_digest_file", lambda path: digested.update([path.name]) or original(path))
+    out = tmp_path / "release"
+    assert release(tiny_ckpt, default_recipe("ternary"), out, targets=("bonsai", "mlx"))["verify"]["ok"]
+    assert digested["model.safetensors"] == 2 and digested["diffusion_pytorch_model.safetensors"] == 2
+    digested.clear()
+    assert check_release(out)["ok"]
+    assert digested["model.safetensors"] == 2  # the release's manifest, then the pack's own
