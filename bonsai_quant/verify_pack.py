@@ -159,10 +159,8 @@ class PackVerifier:
     def decode(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) of one layer, read again each time so memory never holds the whole model."""
         q = self.qconfig
-        if self._reader is None:
-            self._reader = PackReader(self.folder)
         pack = TARGETS[q.format]
-        tensors = {s: self._reader.get(f"{module}.{s}") for s in pack.suffixes}
+        tensors = {s: self.reader.get(f"{module}.{s}") for s in pack.suffixes}
         try:
             return pack.unpack(tensors, q.quantized[module].mode, q.group_size)
         except BonsaiError as e:
