@@ -475,7 +475,7 @@ class PackVerifier:
         return self.shared.output(("reference", twin.folder), inputs, lambda: twin._reference_forward(inputs))
 
     def _reference_forward(self, inputs: dict) -> torch.Tensor:
-        reader, g, scratch = self.reader, self.qconfig.group_size, self.shared.scratch
+        reader, g, scratch = self.reader, self.qconfig.group_size, _Scratch()  # freed with the forward
         kept = {name: reader.get(name).float() for name in self.qconfig.kept}
         fetch = {module: (lambda m=module, shape=info.shape: dequantize(*self.decode(m), g, out=scratch.take(shape)))
                  for module, info in self.qconfig.quantized.items()}
@@ -489,7 +489,7 @@ class PackVerifier:
 
     def _source_forward(self, inputs: dict) -> torch.Tensor:
         ckpt, _ = self.shared.checkpoint()
-        scratch, modules = self.shared.scratch, set(self.qconfig.quantized)
+        scratch, modules = _Scratch(), set(self.qconfig.quantized)
         kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
 
         def weight(module: str) -> torch.Tensor:
@@ -565,8 +565,9 @@ class PackVerifier:
 
 
 class _Scratch:
-    """One float32 block reused for every dense weight a reference forward builds: a fresh ~340 MB tensor per
-    layer costs more in page faults than decoding into it (measured 10x on klein's widest layer)."""
+    """One float32 block reused for every dense weight of one reference forward: a fresh ~340 MB tensor per
+    layer costs more in page faults than decoding into it (measured 10x on klein's widest layer). It lives as
+    long as the forward, so the runtime forward that follows does not hold it too."""
 
     def __init__(self):
         self._block = torch.empty(0)
@@ -597,7 +598,6 @@ class SharedWork:
         self._checkpoint = None
         self.stats: dict = {}
         self._outputs: dict = {}
-        self.scratch = _Scratch()
 
     def checkpoint(self):
         """(the source, its validated tensor specs), opened once."""
