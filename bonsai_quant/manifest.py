@@ -67,16 +67,34 @@ def digest_files(paths: list[Path]) -> list[tuple[str, dict[str, str]]]:
         return list(pool.map(_digest_file, paths))
 
 
-def write_manifest(folder: Path) -> dict:
+def write_manifest(folder: Path, known: dict[str, tuple[int, str, dict[str, str]]] | None = None) -> dict:
+    """`known`: {relative path: (bytes, sha256, per-tensor sha256)} of files whose bytes this run has already
+    checked against those digests (a release's packs, verified against their own manifests), taken instead of
+    hashing the files again while their size matches."""
     files, tensors = {}, {}
     paths = _files(folder)
-    for path, (digest, per_tensor) in zip(paths, digest_files(paths)):
-        rel = path.relative_to(folder).as_posix()
-        files[rel] = {"bytes": path.stat().st_size, "sha256": digest}
-        tensors.update({name: {"file": rel, "sha256": d} for name, d in per_tensor.items()})
+    sizes = {p: p.stat().st_size for p in paths}
+    rel = {p: p.relative_to(folder).as_posix() for p in paths}
+    reused = {p: known[rel[p]] for p in paths if known and rel[p] in known and known[rel[p]][0] == sizes[p]}
+    fresh = [p for p in paths if p not in reused]
+    hashed = dict(zip(fresh, digest_files(fresh)))
+    for path in paths:
+        digest, per_tensor = reused[path][1:] if path in reused else hashed[path]
+        files[rel[path]] = {"bytes": sizes[path], "sha256": digest}
+        tensors.update({name: {"file": rel[path], "sha256": d} for name, d in per_tensor.items()})
     manifest = {"format_version": FORMAT_VERSION, "files": files, "tensors": tensors}
     (folder / MANIFEST_NAME).write_text(_manifest_text(manifest))
     return manifest
+
+
+def listed_digests(folder: Path, prefix: str) -> dict[str, tuple[int, str, dict[str, str]]]:
+    """A checked manifest's entries as `write_manifest(known=...)` takes them, each path under `prefix/`
+    (the data files only: the manifest itself is hashed by whoever lists it)."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    per_file: dict[str, dict[str, str]] = {}
+    for name, entry in manifest["tensors"].items():
+        per_file.setdefault(entry["file"], {})[name] = entry["sha256"]
+    return {f"{prefix}/{rel}": (e["bytes"], e["sha256"], per_file.get(rel, {})) for rel, e in manifest["files"].items()}
 
 
 def check_manifest(folder: Path, hashes: bool = True) -> list[str]:

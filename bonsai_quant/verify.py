@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .packing.folders import pack_folders
 from .readers.published import find_published
-from .verify_pack import PackVerifier
+from .verify_pack import PackVerifier, verify_folders  # noqa: F401  (PackVerifier: imported from here)
 from .verify_published import verify_published
 
 
@@ -31,10 +31,9 @@ def verify(path: Path, source: Path | None = None, image_tokens: int = 64, text_
     published = find_published(Path(path))
     if published:  # a published Bonsai snapshot: read loosely, its tolerance stated
         return verify_published(published, source, image_tokens, text_tokens, seed, reproducible)
-    packs = []
-    for folder in pack_folders(Path(path)):
-        steps = PackVerifier(folder, source, image_tokens, text_tokens, seed, calib, reproducible).run()
-        packs.append({"folder": str(folder), "steps": [asdict(s) for s in steps]})
+    folders = pack_folders(Path(path))
+    results = verify_folders(folders, source, image_tokens, text_tokens, seed, calib, reproducible)
+    packs = [{"folder": str(folder), "steps": [asdict(s) for s in steps]} for folder, steps in zip(folders, results)]
     ok = all(s["status"] != "fail" for p in packs for s in p["steps"])
     return {"ok": ok, "packs": packs}
 

@@ -1,6 +1,9 @@
 """`verify`'s steps for bonsai-quant's own packs (`PackVerifier`), and the gates and bounds every verifier shares.
 
-The steps and what each checks are listed in `verify.py`."""
+The steps and what each checks are listed in `verify.py`. `verify_folders` checks several packs of one source
+in one pass: the source is opened once, each of its tensors read and re-quantized once for every pack, and the
+float32 reference forwards run once for packs that decode to the same weights (each pack's own decode is what
+is compared, and each pack's own runtime forward is what is run)."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from .packing.formats import KEPT_DTYPES, MODE_BITS, SCALE_DTYPES
 from .packing.packset import pack_layout, slots_from_config
 from .packing.targets import TARGETS
 from .plan import decide_all, make_plan
-from .quantizers import dequantize, quantize
+from .quantizers import QuantizedTensor, dequantize, quantize
 from .readers.bfl import open_checkpoint
 from .recipe import parse_recipe
 from .runtime.loader import PackReader
@@ -133,21 +136,31 @@ def _recorded_recipe(q: PackConfig, source: str):
 
 class PackVerifier:
     def __init__(self, folder: Path, source: Path | None, image_tokens: int, text_tokens: int, seed: int,
-                 calib: Path | None = None, reproducible: bool = False):
+                 calib: Path | None = None, reproducible: bool = False, shared: SharedWork | None = None):
         self.folder, self.source, self.calib = folder, source, calib
         self.reproducible = reproducible
         self.image_tokens, self.text_tokens, self.seed = image_tokens, text_tokens, seed
         self.qconfig: PackConfig | None = None
         self.config: dict = {}
         self._reader: PackReader | None = None
+        self.shared = shared if shared is not None else SharedWork(source)
+        # The pack of this run whose reference forward is this pack's: itself, or one found in step 2 to decode
+        # to the same weights, kept tensors and config.
+        self.twin: PackVerifier = self
+        self._decisions: dict = {}
+        self._recipe = None
+        self._stats = None
+
+    @property
+    def source_name(self) -> str:
+        """The source as details name it: its path, or in a release folder (reproducible) its folder name."""
+        return Path(self.source).name if self.reproducible else str(self.source)
 
     def decode(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) of one layer, read again each time so memory never holds the whole model."""
         q = self.qconfig
-        if self._reader is None:
-            self._reader = PackReader(self.folder)
         pack = TARGETS[q.format]
-        tensors = {s: self._reader.get(f"{module}.{s}") for s in pack.suffixes}
+        tensors = {s: self.reader.get(f"{module}.{s}") for s in pack.suffixes}
         try:
             return pack.unpack(tensors, q.quantized[module].mode, q.group_size)
         except BonsaiError as e:
@@ -195,11 +208,15 @@ class PackVerifier:
 
     # -- step 2 -------------------------------------------------------------------------------------------
     def exactness(self, step: Step) -> None:
-        q, reader = self.qconfig, PackReader(self.folder)
-        for module in q.quantized:
-            _, scales = self.decode(module)
-            if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-                _fail(f"{module}: scales must be finite and >= 0")
+        """Step 2 for this pack alone; `check_exactness` runs it for several packs of one source at once."""
+        check_exactness([(self, step)])
+        if step.status == "fail":
+            raise _Fail(step.detail)
+
+    def _prepare_exactness(self, step: Step) -> None:
+        """What step 2 checks of this pack before its layers: kept tensors finite; with a source, the recorded
+        recipe, the config and quantization_config.json against it, and the decision for every tensor."""
+        q, reader = self.qconfig, self.reader
         for name in q.kept:
             tensor = reader.get(name)
             if not bool(torch.isfinite(tensor).all()):
@@ -212,51 +229,73 @@ class PackVerifier:
         if not isinstance(q.get("recipe_yaml"), str):
             _fail(f"{self.folder / CONFIG_NAME}: no recipe_yaml; comparing with --source re-runs the recipe the "
                   "pack records there")
-        recipe = _recorded_recipe(q, f"{self.folder / CONFIG_NAME}:recipe_yaml")
-        ckpt = open_checkpoint(self.source)
-        specs = ckpt.validate()
+        recipe = self._recipe = _recorded_recipe(q, f"{self.folder / CONFIG_NAME}:recipe_yaml")
+        ckpt, specs = self.shared.checkpoint()
         if model_kwargs(ckpt.config) != model_kwargs(self.config):
             _fail(f"--source {self.source}: config.json differs from the pack's")
         if (self.folder / "config.json").read_bytes() != ckpt.config_bytes:
             _fail(f"{self.folder / 'config.json'} is not a copy of the source's config.json ({ckpt.path})")
         decisions = decide_all(specs, {n: t.dtype for n, t in ckpt.tensors.items()}, recipe)
-        scale_dtype = SCALE_DTYPES[recipe.scale_dtype]
-        stats = self._calibration_stats(ckpt, decisions)
-        self._check_qconfig(ckpt, recipe, stats)
-        pack = TARGETS[q.format]
-        for d in decisions:
-            if d.action == "keep":
-                if d.name not in q.kept:
-                    _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
-                want = ckpt.load(d.name).to(q.kept[d.name])
-                got = reader.get(d.name)
-                if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
-                    idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
-                    _fail(f"kept tensor {d.name!r} differs from the source at {idx}: {got[tuple(idx)].item()} "
-                          f"in the pack, {want[tuple(idx)].item()} in the source")
-                continue
-            if d.module not in q.quantized:
-                _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
-            requant = quantize(ckpt.load(d.name), d.mode, recipe.group_size, scale_dtype, d.solver, name=d.name,
-                               stats=stats.get(d.name) if stats is not None else None)
-            codes, scales = self.decode(d.module)
-            if not torch.equal(codes, requant.codes):
-                idx = (codes != requant.codes).nonzero()[0].tolist()
-                _fail(f"{d.module}: code at {idx} is {int(codes[tuple(idx)])}, re-quantizing the source gives "
-                      f"{int(requant.codes[tuple(idx)])}")
-            if not torch.equal(_bits(scales), _bits(requant.scales)):
-                idx = (_bits(scales) != _bits(requant.scales)).nonzero()[0].tolist()
-                _fail(f"{d.module}: scale at [out, group] {idx} is {scales[tuple(idx)].item()}, re-quantizing "
-                      f"the source gives {requant.scales[tuple(idx)].item()}")
-            # Every stored bit, not only what decodes: padding, side tensors (gemlite metadata, MLX biases).
-            for suffix, want in pack.pack(requant.codes, requant.scales, d.mode, recipe.group_size).items():
-                got = reader.get(f"{d.module}.{suffix}")
-                if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
-                    _fail(f"{d.module}.{suffix}: stored bytes differ from packing the re-quantized source "
-                          "(bits outside the decoded codes and scales changed)")
-        step.detail += f"; equal to re-quantizing {self.source} under the recorded recipe"
-        if stats is not None:
-            step.detail += f" with calibration set {self.calib}"
+        self._stats = self._calibration_stats(ckpt, decisions)
+        self._check_qconfig(ckpt, recipe, self._stats)
+        self._decisions = {d.name: d for d in decisions}
+
+    @property
+    def reader(self) -> PackReader:
+        if self._reader is None:
+            self._reader = PackReader(self.folder)
+        return self._reader
+
+    def _requant_key(self, d) -> tuple:
+        """What a re-quantization of one source tensor depends on: packs with equal keys share it."""
+        stats = self._stats.get(d.name) if self._stats is not None else None
+        return d.mode, self._recipe.group_size, self._recipe.scale_dtype, d.solver, None if stats is None else id(stats)
+
+    def _requantize(self, d, weight: torch.Tensor):
+        return quantize(weight, d.mode, self._recipe.group_size, SCALE_DTYPES[self._recipe.scale_dtype], d.solver,
+                        name=d.name, stats=self._stats.get(d.name) if self._stats is not None else None)
+
+    def _check_kept_source(self, d, weight: torch.Tensor) -> None:
+        q = self.qconfig
+        if d.name not in q.kept:
+            _fail(f"{d.name}: the recorded recipe keeps it, but the pack does not")
+        want = weight.to(q.kept[d.name])
+        got = self.reader.get(d.name)
+        if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+            idx = (_bits(got) != _bits(want)).nonzero()[0].tolist()
+            _fail(f"kept tensor {d.name!r} differs from the source at {idx}: {got[tuple(idx)].item()} "
+                  f"in the pack, {want[tuple(idx)].item()} in the source")
+
+    def _check_layer(self, module: str, requant=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One quantized layer, decoded once: codes in the alphabet (the decoder checks), scales finite and
+        >= 0, and with a re-quantization, its codes, scales and every stored bit."""
+        codes, scales = self.decode(module)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            _fail(f"{module}: scales must be finite and >= 0")
+        if requant is None:
+            return codes, scales
+        if not torch.equal(codes, requant.codes):
+            idx = (codes != requant.codes).nonzero()[0].tolist()
+            _fail(f"{module}: code at {idx} is {int(codes[tuple(idx)])}, re-quantizing the source gives "
+                  f"{int(requant.codes[tuple(idx)])}")
+        if not torch.equal(_bits(scales), _bits(requant.scales)):
+            idx = (_bits(scales) != _bits(requant.scales)).nonzero()[0].tolist()
+            _fail(f"{module}: scale at [out, group] {idx} is {scales[tuple(idx)].item()}, re-quantizing "
+                  f"the source gives {requant.scales[tuple(idx)].item()}")
+        # Every stored bit, not only what decodes: padding, side tensors (gemlite metadata, MLX biases).
+        mode, g = self.qconfig.quantized[module].mode, self._recipe.group_size
+        for suffix, want in TARGETS[self.qconfig.format].pack(requant.codes, requant.scales, mode, g).items():
+            got = self.reader.get(f"{module}.{suffix}")
+            if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+                _fail(f"{module}.{suffix}: stored bytes differ from packing the re-quantized source "
+                      "(bits outside the decoded codes and scales changed)")
+        return codes, scales
+
+    def _finish_exactness(self, step: Step) -> None:
+        if self.source is not None:
+            step.detail += f"; equal to re-quantizing {self.source_name} under the recorded recipe"
+            if self._stats is not None:
+                step.detail += f" with calibration set {Path(self.calib).name if self.reproducible else self.calib}"
 
     def _check_qconfig(self, ckpt: Checkpoint, recipe, stats) -> None:
         """quantization_config.json must be exactly what convert writes for this source and recorded recipe."""
@@ -299,7 +338,10 @@ class PackVerifier:
                   f"{calib.fingerprint()[:12]}..., the pack records {str(record.get('fingerprint'))[:12]}...)")
         dtype = dtype_named(record.get("model_dtype", "float32"), KEPT_DTYPES,
                             f"{self.folder / CONFIG_NAME}: calibration.model_dtype")
-        return BlockStats(load_dense(ckpt, dtype=dtype), calib, wanted)
+        key = (calib.fingerprint(), dtype, tuple(sorted(wanted.items())))  # packs of one set share its statistics
+        if key not in self.shared.stats:
+            self.shared.stats[key] = BlockStats(load_dense(ckpt, dtype=dtype), calib, wanted)
+        return self.shared.stats[key]
 
     # -- step 3 -------------------------------------------------------------------------------------------
     def real_runtime(self, step: Step) -> None:
@@ -427,19 +469,34 @@ class PackVerifier:
 
     @torch.no_grad()
     def reference_output(self, inputs: dict) -> torch.Tensor:
-        """diffusers' own forward, float32, with every quantized weight set to its decoded value."""
-        reader, g = PackReader(self.folder), self.qconfig.group_size
+        """diffusers' own forward, float32, with every quantized weight set to its decoded value: computed once
+        per run for the packs that step 2 found to decode to the same weights (`twin`)."""
+        twin = self.twin
+        return self.shared.output(("reference", twin.folder), inputs, lambda: twin._reference_forward(inputs))
+
+    def _reference_forward(self, inputs: dict) -> torch.Tensor:
+        reader, g, scratch = self.reader, self.qconfig.group_size, _Scratch()  # freed with the forward
         kept = {name: reader.get(name).float() for name in self.qconfig.kept}
-        fetch = {module: (lambda m=module: dequantize(*self.decode(m), g)) for module in self.qconfig.quantized}
+        fetch = {module: (lambda m=module, shape=info.shape: dequantize(*self.decode(m), g, out=scratch.take(shape)))
+                 for module, info in self.qconfig.quantized.items()}
         return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
     def source_output(self, inputs: dict) -> torch.Tensor:
-        """The unquantized source's float32 forward, its block linears read from disk as they are used."""
-        ckpt = open_checkpoint(self.source)
-        modules = set(self.qconfig.quantized)
+        """The unquantized source's float32 forward, its block linears read from disk as they are used: once
+        per run (the source and the inputs are the same for every pack)."""
+        return self.shared.output(("source",), inputs, lambda: self._source_forward(inputs))
+
+    def _source_forward(self, inputs: dict) -> torch.Tensor:
+        ckpt, _ = self.shared.checkpoint()
+        scratch, modules = _Scratch(), set(self.qconfig.quantized)
         kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
-        fetch = {m: (lambda m=m: ckpt.load(f"{m}.weight").float()) for m in modules}
+
+        def weight(module: str) -> torch.Tensor:
+            name = f"{module}.weight"
+            return scratch.take(ckpt.tensors[name].shape).copy_(ckpt.load(name))
+
+        fetch = {m: (lambda m=m: weight(m)) for m in modules}
         return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
@@ -504,40 +561,216 @@ class PackVerifier:
                                                         lambda n: arrays[stored(n)], self.seed)
 
     def run(self) -> list[Step]:
-        steps: list[Step] = []
+        return run_packs([self])[0]
+
+
+class _Scratch:
+    """One float32 block reused for every dense weight of one reference forward: a fresh ~340 MB tensor per
+    layer costs more in page faults than decoding into it (measured 10x on klein's widest layer). It lives as
+    long as the forward, so the runtime forward that follows does not hold it too."""
+
+    def __init__(self):
+        self._block = torch.empty(0)
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        if self._block.numel() < n:
+            self._block = torch.empty(0)  # drop the old block before the larger one is allocated
+            self._block = torch.empty(n)
+        return self._block[:n].view(shape)
+
+
+def _inputs_digest(inputs: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(inputs):
+        t = inputs[key].contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class SharedWork:
+    """What one verify call works out once for all the packs it checks: the opened and validated source,
+    calibration statistics, and forward outputs (by what they are of and the digest of their inputs)."""
+
+    def __init__(self, source: Path | None):
+        self.source = source
+        self._checkpoint = None
+        self.stats: dict = {}
+        self._outputs: dict = {}
+
+    def checkpoint(self):
+        """(the source, its validated tensor specs), opened once."""
+        if self._checkpoint is None:
+            ckpt = open_checkpoint(self.source)
+            self._checkpoint = ckpt, ckpt.validate()
+        return self._checkpoint
+
+    def output(self, what: tuple, inputs: dict, compute) -> torch.Tensor:
+        key = (*what, _inputs_digest(inputs))
+        if key not in self._outputs:
+            self._outputs[key] = compute()
+        return self._outputs[key]
+
+
+@contextlib.contextmanager
+def _step_of(step: Step):
+    """Time what runs inside into `step.seconds` (added up: step 2 visits each pack once per tensor) and turn a
+    check's failure into the step's status."""
+    start = time.perf_counter()
+    try:
+        yield
+    except (_Fail, BonsaiError) as e:
+        step.status, step.detail = "fail", str(e)
+    finally:
+        step.seconds += time.perf_counter() - start
+
+
+def _same_structure(a: PackVerifier, b: PackVerifier) -> bool:
+    qa, qb = a.qconfig, b.qconfig
+    return (model_kwargs(a.config) == model_kwargs(b.config) and qa.group_size == qb.group_size
+            and dict(qa.kept) == dict(qb.kept)
+            and {m: (i.shape, i.bits) for m, i in qa.quantized.items()}
+            == {m: (i.shape, i.bits) for m, i in qb.quantized.items()})
+
+
+def check_exactness(pairs: list[tuple[PackVerifier, Step]]) -> None:
+    """Step 2 for the packs of one verify call, tensor by tensor: each layer of each pack decoded once, each
+    source tensor read once and re-quantized once per distinct (mode, group size, scale dtype, solver,
+    statistics), however many packs hold it. A pack that fails is marked and left out of what follows; the
+    others go on. Along the way each pack's `twin` is set to an earlier pack whose decoded weights, kept tensors
+    and config are identical, so that their reference forward is run once."""
+    live = []
+    for v, step in pairs:
+        with _step_of(step):
+            v._prepare_exactness(step)
+            live.append((v, step))
+    roots: list[PackVerifier] = []
+    for v, _ in live:
+        v.twin = next((r for r in roots if _same_structure(r, v)), v)
+        if v.twin is v:
+            roots.append(v)
+    steps = dict((id(v), step) for v, step in live)
+
+    def alive(v: PackVerifier) -> bool:
+        return steps[id(v)].status != "fail"
+
+    with_source = live and live[0][0].source is not None
+    if with_source:
+        ckpt, specs = live[0][0].shared.checkpoint()
+        names = list(specs)
+    else:
+        names = list(dict.fromkeys(m for v, _ in live for m in v.qconfig.quantized))
+    for name in names:
+        weight, requants, decoded = None, {}, {}
+        for v, step in live:
+            if not alive(v):
+                continue
+            with _step_of(step):
+                if not with_source:
+                    if name in v.qconfig.quantized:
+                        decoded[id(v)] = v._check_layer(name)
+                    continue
+                if weight is None:
+                    weight = ckpt.load(name)
+                d = v._decisions[name]
+                if d.action == "keep":
+                    v._check_kept_source(d, weight)
+                    continue
+                if d.module not in v.qconfig.quantized:
+                    _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
+                key = v._requant_key(d)
+                if key not in requants:
+                    requants[key] = v._requantize(d, weight)
+                decoded[id(v)] = (requants[key], v._check_layer(d.module, requants[key]))
+        for v, _ in live:  # a pack whose twin differs here, or failed, has its own reference forward
+            twin = v.twin
+            if twin is v or not alive(v):
+                continue
+            if not alive(twin) or id(v) in decoded and not _decoded_equal(decoded[id(v)], decoded[id(twin)]):
+                v.twin = v
+    for v, step in live:
+        if not alive(v):
+            v.twin = v
+            continue
+        if not with_source and v.twin is not v and not _kept_equal(v, v.twin):
+            v.twin = v
+        v._finish_exactness(step)
+
+
+def _decoded_equal(a, b) -> bool:
+    """Whether two packs decoded one layer to the same codes and scales; with a source, both already equal
+    their re-quantization, so one shared re-quantization settles it."""
+    if isinstance(a[0], QuantizedTensor):
+        return a[0] is b[0]
+    return torch.equal(a[0], b[0]) and a[1].dtype == b[1].dtype and torch.equal(_bits(a[1]), _bits(b[1]))
+
+
+def _kept_equal(a: PackVerifier, b: PackVerifier) -> bool:
+    return all(torch.equal(_bits(a.reader.get(n)), _bits(b.reader.get(n))) for n in a.qconfig.kept)
+
+
+def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
+    """Every step on every pack: integrity of each, exactness of all together (`check_exactness`), then the
+    rest pack by pack. A pack that fails integrity or exactness stops there: later steps would only report
+    the same damage less precisely."""
+    from .consumers import CONSUMERS
+
+    results: list[list[Step]] = [[] for _ in verifiers]
+
+    def finish(step: Step) -> Step:
+        step.data = {k: figure(v, 3) if isinstance(v, float) else v for k, v in step.data.items()}
+        step.seconds = round(step.seconds, 2)
+        return step
+
+    for v, steps in zip(verifiers, results):
+        step = Step("integrity")
+        with _step_of(step):
+            v.integrity(step)
+        steps.append(finish(step))
+    # Steps 1 and 2 are exact (bit comparisons, and a quantizer whose result does not depend on the thread
+    # count), so they run on every thread even for a release folder.
+    exact = [(i, Step("exactness")) for i, steps in enumerate(results) if steps[-1].status != "fail"]
+    check_exactness([(verifiers[i], step) for i, step in exact])
+    for i, step in exact:
+        results[i].append(finish(step))
+    for v, steps in zip(verifiers, results):
+        if steps[-1].status == "fail":
+            continue
         cache: dict = {}
-        from .consumers import CONSUMERS
 
-        def e2e(step):
-            cache.setdefault("inputs", self.inputs())
-            cache.setdefault("reference", self.reference_output(cache["inputs"]))
-            self.end_to_end(step, cache["inputs"], cache["reference"])
+        def prepared(v=v, cache=cache) -> tuple[dict, torch.Tensor]:
+            cache.setdefault("inputs", v.inputs())
+            if "reference" not in cache:
+                cache["reference"] = v.reference_output(cache["inputs"])
+            return cache["inputs"], cache["reference"]
 
-        def mlx_e2e(step):
-            if self.qconfig.format != "mlx":
+        def e2e(step, v=v):
+            v.end_to_end(step, *prepared())
+
+        def mlx_e2e(step, v=v):
+            if v.qconfig.format != "mlx":
                 step.status, step.detail = "skip", "not an MLX pack"
                 return
-            cache.setdefault("inputs", self.inputs())
-            cache.setdefault("reference", self.reference_output(cache["inputs"]))
-            self.mlx_end_to_end(step, cache["inputs"], cache["reference"])
+            v.mlx_end_to_end(step, *prepared())
 
-        for name, fn in (("integrity", self.integrity), ("exactness", self.exactness),
-                         ("runtime", self.real_runtime), ("cuda-runtime", self.cuda_runtime), ("end-to-end", e2e),
+        for name, fn in (("runtime", v.real_runtime), ("cuda-runtime", v.cuda_runtime), ("end-to-end", e2e),
                          ("mlx-end-to-end", mlx_e2e),
-                         *((name, lambda step, n=name: self.consumer(n, step, cache)) for name in CONSUMERS)):
+                         *((name, lambda step, n=name, v=v, cache=cache: v.consumer(n, step, cache))
+                           for name in CONSUMERS)):
             step = Step(name)
-            start = time.perf_counter()
-            try:
+            with _step_of(step):
                 # One thread makes the forwards' summation order, and so the reported errors, the same in
                 # every run: a release folder must not depend on the thread count.
-                with fixed_threads(1) if self.reproducible else contextlib.nullcontext():
+                with fixed_threads(1) if v.reproducible else contextlib.nullcontext():
                     fn(step)
-            except (_Fail, BonsaiError) as e:
-                step.status, step.detail = "fail", str(e)
-            step.data = {k: figure(v, 3) if isinstance(v, float) else v for k, v in step.data.items()}
-            step.seconds = round(time.perf_counter() - start, 2)
-            steps.append(step)
-            if step.status == "fail" and name in ("integrity", "exactness"):
-                break  # later steps would only report the same damage less precisely
-        return steps
+            steps.append(finish(step))
+    return results
 
+
+def verify_folders(folders: list[Path], source: Path | None, image_tokens: int, text_tokens: int, seed: int,
+                   calib: Path | None = None, reproducible: bool = False) -> list[list[Step]]:
+    """`run_packs` on the packs in `folders`, sharing one source and its forwards."""
+    shared = SharedWork(source)
+    return run_packs([PackVerifier(f, source, image_tokens, text_tokens, seed, calib, reproducible, shared)
+                      for f in folders])

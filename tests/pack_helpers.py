@@ -70,3 +70,20 @@ def reseal_in_place(folder, edit) -> None:
     file.write_bytes(bytes(data))
     (folder / "manifest.json").unlink()
     write_manifest(folder)
+
+
+def flip_code(folder, module: str, row: int, col: int) -> None:
+    """Give one code of `module` in the pack at `folder` another valid value, packed by the pack's own target
+    and resealed: a pack that a faulty packer could have written, which only a re-quantization can tell."""
+    from bonsai_quant.packing.config import PackConfig
+    from bonsai_quant.packing.targets import TARGETS
+
+    q = PackConfig.load(folder)
+    target, mode = TARGETS[q.format], q.quantized[module].mode
+
+    def edit(tensors):
+        codes, scales = target.unpack({s: tensors[f"{module}.{s}"] for s in target.suffixes}, mode, q.group_size)
+        codes[row, col] = -1 if int(codes[row, col]) == 1 else 1
+        tensors.update({f"{module}.{s}": t for s, t in target.pack(codes, scales, mode, q.group_size).items()})
+
+    reseal_in_place(folder, edit)

@@ -122,3 +122,50 @@ def test_base_model_comes_from_the_source_or_the_flag(tmp_path, released):
     assert front["base_model"] == "someone/klein-finetune" and front["base_model_relation"] == "quantized"
     assert "# klein-finetune — binary" in card
     assert "The transformer of [someone/klein-finetune](https://huggingface.co/someone/klein-finetune)" in card
+
+
+def test_a_release_whose_second_pack_has_one_wrong_code_fails_naming_it(tiny_ckpt, tmp_path, monkeypatch):
+    """As if the gemlite packer had written one wrong (but valid) code and sealed it: the release's verify
+    compares every pack with one shared re-quantization of the source and names the pack and the layer."""
+    from bonsai_quant import release as release_module
+    from tests.pack_helpers import flip_code
+
+    convert_into = release_module.convert_into
+
+    def faulty(folder, *args, **kwargs):
+        report = convert_into(folder, *args, **kwargs)
+        flip_code(folder / "gemlite", "transformer_blocks.0.ff.linear_out", 2, 7)
+        return report
+
+    monkeypatch.setattr(release_module, "convert_into", faulty)
+    out = tmp_path / "release"
+    result = release(tiny_ckpt, default_recipe("ternary"), out, targets=("bonsai", "mlx", "gemlite"))
+    checks = result["verify"]
+    assert not checks["ok"]
+    assert [p["folder"] for p in checks["packs"]] == ["bonsai", "gemlite", "transformer-packed-mflux"]
+    steps = {p["folder"]: {s["name"]: s for s in p["steps"]} for p in checks["packs"]}
+    assert steps["gemlite"]["exactness"]["status"] == "fail"
+    assert steps["gemlite"]["exactness"]["detail"].startswith("transformer_blocks.0.ff.linear_out: code at [2, 7] is ")
+    for folder in ("bonsai", "transformer-packed-mflux"):
+        assert steps[folder]["exactness"]["status"] == "pass"
+        assert steps[folder]["exactness"]["detail"].endswith(
+            f"; equal to re-quantizing {tiny_ckpt.name} under the recorded recipe")  # a name, not a path
+    assert json.loads((out / "verify.json").read_text())["ok"] is False
+
+
+def test_the_release_manifest_reuses_the_digests_verify_checked(tiny_ckpt, tmp_path, monkeypatch):
+    """Each pack file is hashed when its pack's manifest is written and when verify checks it, not a third time
+    for the release's manifest, which still lists exactly what hashing would give (check_release reads it)."""
+    from collections import Counter
+
+    from bonsai_quant import manifest
+
+    digested = Counter()
+    original = manifest._digest_file
+    monkeypatch.setattr(manifest, "_digest_file", lambda path: digested.update([path.name]) or original(path))
+    out = tmp_path / "release"
+    assert release(tiny_ckpt, default_recipe("ternary"), out, targets=("bonsai", "mlx"))["verify"]["ok"]
+    assert digested["model.safetensors"] == 2 and digested["diffusion_pytorch_model.safetensors"] == 2
+    digested.clear()
+    assert check_release(out)["ok"]
+    assert digested["model.safetensors"] == 2  # the release's manifest, then the pack's own

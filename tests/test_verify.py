@@ -160,3 +160,71 @@ def test_cli_exit_codes_and_json(packs, damaged, capsys):
     assert main(["verify", str(damaged)]) == 1
     out = capsys.readouterr().out
     assert "integrity       FAIL" in out and "verify: FAIL" in out
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 and isinstance(args[1], str) else None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_packs_of_one_source_share_its_read_requantization_and_forwards(packs, tiny_ckpt, monkeypatch):
+    """Two packs of one convert: each source tensor read once for the comparison and once for the unquantized
+    forward, each quantized layer re-quantized once, and one reference forward for both."""
+    from collections import Counter
+
+    from bonsai_quant import verify_pack
+    from bonsai_quant.checkpoint import Checkpoint
+    from bonsai_quant.packing.config import PackConfig
+
+    loads = _count_calls(monkeypatch, Checkpoint, "load")
+    quantized = []
+    original_quantize = verify_pack.quantize
+    monkeypatch.setattr(verify_pack, "quantize",
+                        lambda w, *a, **k: quantized.append(k["name"]) or original_quantize(w, *a, **k))
+    references = _count_calls(monkeypatch, verify_pack.PackVerifier, "_reference_forward")
+    report = verify(packs, source=tiny_ckpt)
+    assert report["ok"] and [p["folder"].rsplit("/", 1)[-1] for p in report["packs"]] == ["gemlite", "mlx"]
+    names = {n for f in tiny_ckpt.glob("*.safetensors") for n in read_header(f)}
+    assert Counter(loads) == {n: 2 for n in names}
+    layers = PackConfig.load(packs / "mlx").quantized
+    assert sorted(quantized) == sorted(f"{m}.weight" for m in layers)
+    assert len(references) == 1
+    for target in ("gemlite", "mlx"):
+        steps = _steps(report, target)
+        assert steps["end-to-end"]["data"]["rel_error"] <= 1e-4
+        assert 0.1 < steps["end-to-end"]["data"]["rel_error_vs_unquantized_source"] < 1.0
+
+
+@pytest.mark.parametrize("target", ["gemlite", "mlx"])
+def test_a_resealed_code_flip_in_either_pack_is_caught_when_packs_share_the_work(damaged, tiny_ckpt, target):
+    from tests.pack_helpers import flip_code
+
+    flip_code(damaged / target, "single_transformer_blocks.0.attn.to_out", 3, 130)
+    report = verify(damaged, source=tiny_ckpt)
+    assert not report["ok"]
+    step = _steps(report, target)["exactness"]
+    assert step["status"] == "fail"
+    assert step["detail"].startswith("single_transformer_blocks.0.attn.to_out: code at [3, 130] is ")
+    other = _steps(report, "mlx" if target == "gemlite" else "gemlite")
+    assert all(s["status"] != "fail" for s in other.values())
+
+
+def test_packs_that_decode_differently_each_get_their_own_reference(damaged, monkeypatch):
+    """Without a source, a pack is compared with its own decoded weights: two packs that differ in one code
+    both pass (each is self-consistent) and each has its own reference forward."""
+    from bonsai_quant import verify_pack
+    from tests.pack_helpers import flip_code
+
+    references = _count_calls(monkeypatch, verify_pack.PackVerifier, "_reference_forward")
+    assert verify(damaged)["ok"] and len(references) == 1
+    flip_code(damaged / "gemlite", "transformer_blocks.1.attn.to_v", 0, 0)
+    references.clear()
+    report = verify(damaged)
+    assert report["ok"] and len(references) == 2
