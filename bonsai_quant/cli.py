@@ -14,6 +14,7 @@ from . import __version__
 from .cli_args import add_model_args, add_targets_arg, model_from_args, recipe_from_args
 from .errors import BonsaiError
 from .packing.targets import NAMES, RUNTIME_NAMES
+from .threads import passive_omp_wait
 
 
 def cmd_convert(args) -> int:
@@ -303,6 +304,7 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    passive_omp_wait()  # before anything imports torch
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
