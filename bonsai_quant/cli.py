@@ -15,6 +15,7 @@ from .allocator import keep_freed_memory
 from .cli_args import add_model_args, add_targets_arg, model_from_args, recipe_from_args
 from .errors import BonsaiError
 from .packing.targets import NAMES, RUNTIME_NAMES
+from .threads import passive_omp_wait
 
 
 def cmd_convert(args) -> int:
@@ -304,6 +305,7 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    passive_omp_wait()  # before anything imports torch
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     if threading.current_thread() is threading.main_thread():

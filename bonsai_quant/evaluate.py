@@ -52,7 +52,7 @@ def generate_digits(model, encoder: TextEncoder, samples: int, steps: int, seed:
                     shift: float = SHIFT, progress: bool = False) -> torch.Tensor:
     """Images [10, samples, 8, 8] in [0, 1]; row d answers the prompt 'a handwritten digit d'.
 
-    `progress`: a bar over the samples on stderr (on a terminal)."""
+    `progress`: a bar over the samples on stderr on a terminal, else a line per chunk of CHUNK samples."""
     import torch
     from tqdm import tqdm
 
@@ -63,11 +63,16 @@ def generate_digits(model, encoder: TextEncoder, samples: int, steps: int, seed:
     digits = [d for d in range(10) for _ in range(samples)]
     noise = torch.cat([noise_for(d, samples, seed) for d in range(10)])
     out = []
+    bar_on = progress and sys.stderr.isatty()
+    start = time.perf_counter()
     with tqdm(total=len(digits), desc=f"eval ({steps} steps)", unit="sample", file=sys.stderr,
-              disable=not (progress and sys.stderr.isatty())) as bar:
+              disable=not bar_on) as bar:
         for i in range(0, len(digits), CHUNK):
             out.append(generate(model, encoder, digits[i:i + CHUNK], noise[i:i + CHUNK], steps, shift))
             bar.update(len(out[-1]))
+            if progress and not bar_on:  # a log file or pipe gets lines, not a bar's carriage returns
+                print(f"  {min(i + CHUNK, len(digits))}/{len(digits)} samples, {time.perf_counter() - start:.1f} s",
+                      file=sys.stderr, flush=True)
     return torch.cat(out).reshape(10, samples, IMAGE_SIZE, IMAGE_SIZE)
 
 

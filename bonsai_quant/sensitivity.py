@@ -11,10 +11,16 @@ budget (a tensor that does not fit is skipped, a smaller one further down may st
 is what the published keep set spends on such tensors, so the comparison with it is at equal bytes.
 `write_recipe` turns the choice into a strict recipe: keep rules for chosen tensors the planner would
 quantize, quantize rules for published-kept tensors not chosen.
+
+Quantizing a tensor changes nothing before the transformer block it lives in, so each measurement re-runs only
+the blocks from that one on (`BlockReplay`): the blocks before return the outputs they gave on the unchanged
+model, captured once per starting block. The scores are those of whole forwards, bit for bit (same operations on
+the same inputs); the test suite checks that against whole forwards for every candidate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +55,96 @@ def candidates(model: torch.nn.Module, group_size: int) -> dict[str, object]:
     return {n: s for n, s in specs.items() if s.is_linear_weight and s.shape[1] % group_size == 0}
 
 
+def start_block(name: str, double_blocks: int, blocks: int) -> int:
+    """The first transformer block (double blocks, then single blocks, counted together) whose output changes when
+    only tensor `name` is quantized; `blocks` (the count of both kinds) when it acts after every block."""
+    top, _, rest = name.partition(".")
+    if top == "transformer_blocks":
+        return int(rest.partition(".")[0])
+    if top == "single_transformer_blocks":
+        return double_blocks + int(rest.partition(".")[0])
+    if top == "single_stream_modulation":  # its output modulates the single blocks only
+        return double_blocks
+    if top in ("norm_out", "proj_out"):  # the output layers, after every block (norm_out reads the time embedding)
+        return blocks
+    return 0  # embedders, time embedding, double-stream modulation: they feed the first block
+
+
+def _returning(value):
+    return lambda *args, **kwargs: value
+
+
+class _Captured(Exception):
+    """Raised by a hook once the last block whose outputs are wanted has run: the rest of that forward is not."""
+
+
+class BlockReplay:
+    """A FLUX.2 transformer over fixed batches, re-running only the blocks from `start` on.
+
+    The blocks before `start` return, without running, the outputs they gave on the unchanged model for that batch
+    (so a weight may change only in block `start` or later). Those outputs are captured when `start` advances: a
+    pass that stops after the block before it. At most two blocks' outputs are held at a time (that block's and,
+    past the double blocks, the last double block's, which the concatenation of the two streams needs)."""
+
+    def __init__(self, model: torch.nn.Module, batches: list[dict]):
+        self.model, self.batches = model, batches
+        self.double = len(getattr(model, "transformer_blocks", ()))
+        self.blocks = [*getattr(model, "transformer_blocks", ()), *getattr(model, "single_transformer_blocks", ())]
+        self.start = 0
+        self.saved: dict[int, list] = {}  # block index -> its outputs on the unchanged model, one per batch
+
+    def _output(self, i: int, batch: int):
+        """What skipped block i returns: the saved output of the last skipped block of its kind (only the block
+        just before `start` and the last double block feed anything that runs; the others just need the type)."""
+        last = self.start - 1
+        same_kind = (i < self.double) == (last < self.double)
+        return self.saved[last if same_kind else self.double - 1][batch]
+
+    @contextlib.contextmanager
+    def _skipping(self, batch: int):
+        for i in range(self.start):
+            self.blocks[i].forward = _returning(self._output(i, batch))
+        try:
+            yield
+        finally:
+            for i in range(self.start):
+                del self.blocks[i].forward
+
+    def advance(self, start: int) -> None:
+        """Replay from block `start` on (no earlier than the current start), on the unchanged model."""
+        if start < self.start:
+            raise ValueError(f"replay start {start} is before the current one, {self.start}")
+        if start == self.start:
+            return
+        wanted = {start - 1} | ({self.double - 1} if self.double and start - 1 >= self.double else set())
+        captured = {j: self.saved[j] for j in wanted if j in self.saved}
+        missing = sorted(wanted - set(captured))
+        for j in missing:
+            captured[j] = []
+
+        def hook(module, args, output, j):
+            captured[j].append(output)
+            if j == missing[-1]:
+                raise _Captured
+
+        handles = [self.blocks[j].register_forward_hook(lambda m, a, o, j=j: hook(m, a, o, j)) for j in missing]
+        try:
+            for batch in range(len(self.batches) if missing else 0):
+                try:
+                    self.forward(batch)
+                except _Captured:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        self.start, self.saved = start, captured
+
+    def forward(self, batch: int) -> torch.Tensor:
+        """The model's output on batch `batch`, running the blocks from `start` on."""
+        with self._skipping(batch):
+            return self.model(**self.batches[batch])[0]
+
+
 @torch.no_grad()
 def measure(model: torch.nn.Module, calib, mode: str, solver: str | None = None, group_size: int = 128,
             scale_dtype: str = "float16", batch_size: int = 64, max_calls: int | None = None,
@@ -79,16 +175,20 @@ def measure(model: torch.nn.Module, calib, mode: str, solver: str | None = None,
         stats = collect_stats(model, calib, {n: CALIBRATED_SOLVERS[solver] for n in found}, batch_size)
     out = []
     start = time.perf_counter()
-    bar = tqdm(found.items(), desc="sensitivity", unit="layer", file=sys.stderr,
-               disable=not (progress and sys.stderr.isatty()))
-    for i, (name, spec) in enumerate(bar):
+    replay = BlockReplay(model, batches)
+    starts = {n: start_block(n, replay.double, len(replay.blocks)) for n in found}
+    order = sorted(found, key=starts.get)  # by the block each starts at (stable: inventory order within one)
+    bar = tqdm(order, desc="sensitivity", unit="layer", file=sys.stderr, disable=not (progress and sys.stderr.isatty()))
+    for i, name in enumerate(bar):
+        spec = found[name]
+        replay.advance(starts[name])
         weight = params[name]
         original = weight.detach().clone()
         q = quantize(original.float().cpu(), mode, group_size, SCALE_DTYPES[scale_dtype], solver, name=name,
                      stats=stats.get(name))
         weight.copy_(dequantize(q.codes, q.scales, group_size).to(weight.dtype))
         try:
-            err2 = sum(float((model(**b)[0].float() - r).square().sum()) for b, r in zip(batches, reference))
+            err2 = sum(float((replay.forward(j).float() - r).square().sum()) for j, r in enumerate(reference))
         finally:
             weight.copy_(original)
         out.append(Sensitivity(name, spec.role, tuple(spec.shape), name in published, err2 / ref2,

@@ -4,6 +4,9 @@ sizes print in units a reader takes in at a glance."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,14 @@ def test_convert_help_lists_every_target(capsys):
 def test_sizes_print_in_sensible_units():
     assert [size_text(n) for n in (0, 812, 45_300, 999_960, 1_000_000, 6_713_000, 999_999_999, 1_430_000_000)] == \
         ["0 bytes", "812 bytes", "45.3 kB", "1.00 MB", "1.00 MB", "6.71 MB", "1.000 GB", "1.430 GB"]
+
+
+def test_help_loads_neither_torch_nor_numpy():
+    """`bonsai-quant --help` and every subcommand's help answer at once: torch (seconds to import on a small
+    machine) loads only when a command runs, and OpenMP's wait policy is set before it does."""
+    code = ("import os, sys; from bonsai_quant.cli import build_parser, main; build_parser()\n"
+            "try:\n    main(['distill', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'numpy'} & set(sys.modules)), os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.splitlines()[-1] == "[] PASSIVE"

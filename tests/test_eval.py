@@ -112,8 +112,13 @@ def test_text_report(capsys):
     assert "prompt following (judge accuracy):" in out and "Fréchet distance" in out and "1 steps" in out
     # Before the minute or two of sampling, stderr says what runs (a bar follows on a terminal).
     assert "sampling 20 digits (2 per digit, 1 steps) with " in captured.err
+    assert "  20/20 samples, " in captured.err  # not a terminal: a line per chunk of samples instead of a bar
+    assert main(["eval", "--samples", "26", "--steps", "1"]) == 0
+    lines = [line.split(",")[0] for line in capsys.readouterr().err.splitlines() if "samples, " in line]
+    assert lines == ["  250/260 samples", "  260/260 samples"]
     assert main(["eval", "--samples", "2", "--steps", "1", "--quiet"]) == 0
-    assert "sampling" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sampling" not in err and "samples, " not in err
 
 
 def test_bench_quality_prints_each_row_as_it_is_measured():

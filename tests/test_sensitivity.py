@@ -14,11 +14,14 @@ from bonsai_quant.plan import decide_all
 from bonsai_quant.quantizers import dequantize, quantize
 from bonsai_quant.recipe import load_recipe
 from bonsai_quant.sensitivity import (
+    BlockReplay,
     Sensitivity,
+    candidates,
     choose,
     compare_with_published,
     measure,
     published_budget,
+    start_block,
     write_recipe,
 )
 
@@ -91,6 +94,54 @@ def test_score_is_the_relative_output_change(ranked):
         params[entry.name].copy_(original)
     assert entry.score == pytest.approx(float((out - ref).square().sum() / ref.square().sum()), rel=1e-4)
     assert entry.bytes16 == 2 * original.numel()
+
+
+def test_scores_equal_whole_forwards_for_every_candidate(ranked):
+    """measure() re-runs only the blocks from each tensor's own on; its scores are those of whole forwards, bit
+    for bit."""
+    model, calib, _, ranking = ranked
+    params = dict(model.named_parameters())
+    batches = list(calib.batches(64, max_calls=CALLS))
+    assert len(batches) == 1
+    with torch.no_grad():
+        ref = [model(**b)[0].float() for b in batches]
+        ref2 = sum(float(r.square().sum()) for r in ref)
+        for entry in ranking:
+            original = params[entry.name].detach().clone()
+            q = quantize(original, "binary", 128, torch.float16, "absmean")
+            params[entry.name].copy_(dequantize(q.codes, q.scales, 128))
+            err2 = sum(float((model(**b)[0].float() - r).square().sum()) for b, r in zip(batches, ref))
+            params[entry.name].copy_(original)
+            assert entry.score == err2 / ref2, entry.name
+
+
+def test_block_replay_gives_the_whole_forward_of_each_block_on():
+    model = load_model(model_dir())
+    batches = list(load_calibration(SET).batches(8, max_calls=16))
+    assert len(batches) == 2
+    params = dict(model.named_parameters())
+    replay = BlockReplay(model, batches)
+    assert (replay.double, len(replay.blocks)) == (2, 4)
+    found = candidates(model, 128)
+    starts = {n: start_block(n, 2, 4) for n in found}
+    assert starts["context_embedder.weight"] == 0 and starts["transformer_blocks.1.ff.linear_out.weight"] == 1
+    assert starts["single_stream_modulation.linear.weight"] == 2
+    assert starts["single_transformer_blocks.1.attn.to_out.weight"] == 3 and starts["proj_out.weight"] == 4
+    with torch.no_grad():
+        ref = [model(**b)[0] for b in batches]
+        for name in sorted(found, key=starts.get):
+            replay.advance(starts[name])
+            original = params[name].detach().clone()
+            params[name].mul_(0.5)  # any change of this tensor: its block on must see it
+            whole = [model(**b)[0] for b in batches]
+            replayed = [replay.forward(j) for j in range(len(batches))]
+            params[name].copy_(original)
+            assert not torch.equal(whole[0], ref[0]), name
+            assert all(torch.equal(w, r) for w, r in zip(whole, replayed)), name
+        assert all(torch.equal(replay.forward(j), ref[j]) for j in range(2))  # the model forward is itself again
+        assert all("forward" not in vars(b) for b in replay.blocks)
+    with pytest.raises(ValueError, match="replay start 1 is before the current one, 4"):
+        replay.advance(1)
 
 
 def test_written_recipe_keeps_exactly_the_chosen_tensors(ranked, tmp_path):
