@@ -11,11 +11,10 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .allocator import keep_freed_memory
 from .cli_args import add_model_args, add_targets_arg, model_from_args, recipe_from_args
+from .cpu_settings import prepare as prepare_cpu
 from .errors import BonsaiError
 from .packing.targets import NAMES, RUNTIME_NAMES
-from .threads import passive_omp_wait
 
 
 def cmd_convert(args) -> int:
@@ -305,9 +304,8 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    passive_omp_wait()  # before anything imports torch
+    prepare_cpu()  # before anything imports torch
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

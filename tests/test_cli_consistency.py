@@ -59,3 +59,14 @@ def test_help_loads_neither_torch_nor_numpy():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.splitlines()[-1] == "[] PASSIVE"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_cli_keeps_freed_memory_for_reuse():
+    """convert and verify allocate the same few-MB temporaries chunk after chunk: the CLI sets glibc's
+    thresholds so they are reused rather than zeroed again by the kernel (results are unchanged either way)."""
+    code = ("from bonsai_quant import cpu_settings as c\n"
+            "try:\n    c.prepare(); from bonsai_quant.cli import main; main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(c.keep_freed_memory(), c.MMAP_THRESHOLD, c.TRIM_THRESHOLD)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == f"True {32 << 20} {256 << 20}"

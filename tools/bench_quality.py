@@ -40,9 +40,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bonsai_quant.threads import passive_omp_wait  # noqa: E402
+from bonsai_quant.cpu_settings import prepare as prepare_cpu  # noqa: E402
 
-passive_omp_wait()  # before the imports below load torch
+prepare_cpu()  # before the imports below load torch
 
 from bonsai_quant.convert import convert  # noqa: E402
 from bonsai_quant.digits import TextEncoder, model_dir  # noqa: E402
