@@ -85,13 +85,13 @@ def _gate(err: float, bound: float, what: str) -> None:
         _fail(f"{what} by {err:.2e} (bound {bound})")
 
 
-def _mlx_layer_error(layer, w: torch.Tensor, rng, module: str) -> float:
+def _mlx_layer_error(layer, w: np.ndarray, rng, module: str) -> float:
     """A real mlx.nn.QuantizedLinear on 4 random rows against x @ W^T in float32, gated at MLX_LAYER_BOUND.
     `w`: the exact decoded weight of the output features the layer holds."""
     import mlx.core as mx
 
     x = rng.standard_normal((4, w.shape[1]), dtype=np.float32)
-    ref = x @ w.float().numpy().T
+    ref = x @ w.T
     err = float(np.linalg.norm(np.array(layer(mx.array(x)).astype(mx.float32)) - ref) / np.linalg.norm(ref))
     _gate(err, MLX_LAYER_BOUND, f"{module}: mlx.nn.QuantizedLinear differs from x @ W^T")
     return err
@@ -354,7 +354,7 @@ class PackVerifier:
             shapes.add((bits, out_f, in_f))
             layer = mnn.QuantizedLinear(in_f, rows, bias=False, group_size=g, bits=bits)
             layer.weight, layer.scales, layer.biases = weight[:rows], mlx_scales[:rows], biases[:rows]
-            worst = max(worst, _mlx_layer_error(layer, w[:rows], rng, module))
+            worst = max(worst, _mlx_layer_error(layer, w[:rows].float().numpy(), rng, module))
         step.data["max_rel_error"] = worst
         step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig.quantized)} layers; "
                        f"QuantizedLinear on all output features of one layer per shape ({len(shapes)} shapes) and "
