@@ -15,7 +15,10 @@ Three consumers, each expecting a folder of a given name inside a model folder:
 
 `layout_problems` says, from a pack's description alone, which consumers a pack suits (inspect); `check` loads
 it with the consumer and compares (verify). Forwards run with the consumer's compute dtype set to float32, so
-they are compared with our float32 reference at the same bound as our own runtimes.
+they are compared with our float32 reference at the same bound as our own runtimes. On a Linux CPU the
+consumers' own quantized layers compute as MLX's dequantize of the tensors they hold and a dense matmul, the
+same product (`mlx_cpu`: MLX's quantized_matmul is a slow loop there); MLX is first imported after
+`mlx_cpu.enable()`, so its matmuls run on numpy's OpenBLAS.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import mlx_cpu
 from .errors import BonsaiError
 from .packing.config import PackConfig
 from .packing.targets import TARGETS
@@ -190,6 +194,7 @@ def _run(name: str, what: str, fn):
 
 def load_mlx_vlm_flux2(folder: Path, config: dict, precision=None):
     """mlx-vlm's FLUX.2 transformer loaded from the pack folder (as `<root>/transformer/`)."""
+    mlx_cpu.enable()  # before mlx.core is first imported
     import dataclasses
 
     import mlx.core as mx
@@ -203,6 +208,7 @@ def load_mlx_vlm_flux2(folder: Path, config: dict, precision=None):
 
 def load_mflux(folder: Path, config: dict):
     """mflux's FLUX.2 transformer loaded from the pack folder (as `<root>/transformer/` of a model folder)."""
+    mlx_cpu.enable()  # before mlx.core is first imported
     from mflux.models.common.weights.loading.weight_applier import WeightApplier
     from mflux.models.common.weights.loading.weight_loader import WeightLoader
     from mflux.models.flux2.model.flux2_transformer.transformer import Flux2Transformer
@@ -234,16 +240,18 @@ def _mflux_forward(model, inputs):
 def check_forward(name: str, folder: Path, config: dict, inputs: dict[str, np.ndarray],
                   reference: np.ndarray) -> tuple[str, dict]:
     """Load with the consumer, run its forward in float32, compare with the reference output."""
+    mlx_cpu.enable()  # before mlx.core is first imported
     if name == "mlx-vlm-flux2":
         import mlx.core as mx
         from mlx_vlm.models.flux2 import constants
 
         model = _run(name, "load_transformer", lambda: load_mlx_vlm_flux2(folder, config))
-        with _precision(constants.ModelConfig, mx.float32):
+        with _precision(constants.ModelConfig, mx.float32), mlx_cpu.dense_quantized_linears():
             out = _run(name, "forward", lambda: _forward(model, inputs))
     elif name == "mflux":
         model = _run(name, "loading", lambda: load_mflux(folder, config))
-        out = _run(name, "forward", lambda: _mflux_forward(model, inputs))
+        with mlx_cpu.dense_quantized_linears():
+            out = _run(name, "forward", lambda: _mflux_forward(model, inputs))
     else:
         raise ValueError(f"no forward check for {name}")
     err = _relative_error(out, reference)
@@ -268,6 +276,7 @@ def load_bonsai(folder: Path, config: dict, bits: int):
     """The Bonsai fast transformer built from the pack folder (as `<root>/transformer-packed-mflux/`), the way
     mlx-vlm's `bonsai.weights.load_transformer` builds it, with the dimensions of `config` instead of klein
     4B's hard-coded ones."""
+    mlx_cpu.enable()  # before mlx.core is first imported
     from mlx_vlm.models.bonsai.klein_fast import (
         Flux2KleinFastTransformer,
         find_packed_artifact_dir,
@@ -322,6 +331,7 @@ def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored
     tensors: their bf16 cast, which is what it reads), and each quantized kernel must give what
     `mx.quantized_matmul` gives on the pack's own tensors. `weight(module)`: our float32 decode (or kept
     tensor); `stored(name)`: a tensor of the pack as an mx array."""
+    mlx_cpu.enable()  # before mlx.core is first imported
     import mlx.core as mx
     from mlx_vlm.models.bonsai.klein_fast import (
         DenseLinearKernel,

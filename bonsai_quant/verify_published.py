@@ -128,6 +128,9 @@ class PublishedVerifier:
             self._gemlite(step)
 
     def _mlx(self, step: Step) -> None:
+        from . import mlx_cpu
+
+        mlx_cpu.enable()  # before mlx.core is first imported
         import mlx.core as mx
         import mlx.nn as mnn
 

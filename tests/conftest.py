@@ -11,6 +11,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from bonsai_quant import mlx_cpu  # noqa: E402
+
+# Before any test module imports mlx.core, so the suite runs MLX as bonsai-quant's own modules do (on Linux: its
+# matmuls through numpy's OpenBLAS).
+mlx_cpu.enable()
+
 from bonsai_quant.flux2 import preset_config  # noqa: E402
 from bonsai_quant.synthetic import write_checkpoint  # noqa: E402
 

@@ -12,6 +12,7 @@ from diffusers import Flux2Transformer2DModel
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file
 
+from bonsai_quant import mlx_cpu
 from bonsai_quant.convert import convert
 from bonsai_quant.errors import PackError
 from bonsai_quant.flux2 import build_model, inventory, preset_config
@@ -133,6 +134,26 @@ def test_pack_forward_matches_fake_quantized_diffusers(mlx_pack, tiny_ckpt):
     bits = {"binary": 1, "ternary": 2}[mode]
     layer = model.single_transformer_blocks[0].attn.to_qkv_mlp_proj
     assert (layer.bits, layer.group_size, layer.weight.dtype) == (bits, 128, mx.uint32)
+
+
+def test_pack_forward_through_quantized_matmul_as_on_a_mac(mlx_pack, tiny_ckpt, monkeypatch):
+    # On a Linux CPU the quantized linears run as MLX's dequantize + a dense matmul (quantized_matmul is a slow
+    # loop there); Macs run MLX's quantized_matmul. Both must give the pack's forward.
+    mode, pack = mlx_pack
+    inputs = _inputs(preset_config("tiny"), seed=1)
+    ref = _torch_forward(_fake_quantized_reference(tiny_ckpt, pack), inputs)
+    dense_calls = []
+    dense = mlx_cpu.dense_quantized_matmul
+    monkeypatch.setattr(mlx_cpu, "dense_quantized_matmul", lambda layer, x: dense_calls.append(1) or dense(layer, x))
+    linux = mlx_forward_numpy(pack, inputs)
+    quantized = len(json.loads((pack / "quantization_config.json").read_text())["quantized"])
+    assert len(dense_calls) == quantized == 2 * 12 + 2 * 2  # every quantized linear once
+    monkeypatch.setattr(mlx_cpu, "quantized_kernel_is_slow", lambda: False)
+    mac = mlx_forward_numpy(pack, inputs)
+    assert len(dense_calls) == quantized
+    assert relative_error(linux, ref) < FP32_BOUND and relative_error(mac, ref) < FP32_BOUND
+    assert relative_error(linux, mac) < FP32_BOUND
+    assert not np.array_equal(linux, mac)  # two different computations, not one path taken twice
 
 
 def test_pack_forward_in_bfloat16_stays_close(mlx_pack):

@@ -2,8 +2,10 @@
 
 It reproduces diffusers' `Flux2Transformer2DModel.forward(..., return_dict=False)[0]` so that the pack can be
 judged by the runtime that will serve it: quantized linears go through MLX's own `quantized_matmul` on the
-packed codes, not through a re-implementation of the decode. Module names follow diffusers, so every tensor of
-a pack (or of a diffusers state dict) loads under its own name.
+packed codes, not through a re-implementation of the decode. On a Linux CPU, where that kernel is a slow loop,
+they go through MLX's own `dequantize` of the same tensors and a dense matmul instead, and MLX's matmuls through
+numpy's OpenBLAS (`bonsai_quant.mlx_cpu`). Module names follow diffusers, so every tensor of a pack (or of a
+diffusers state dict) loads under its own name.
 
 The forward itself uses only MLX and numpy; torch is imported only by `from_torch_state_dict`.
 """
@@ -14,14 +16,18 @@ import json
 import math
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from .. import mlx_cpu
 
-from ..errors import PackError
-from ..packing.targets import TARGETS
-from ..shards import open_regular, read_weight_map
+mlx_cpu.enable()  # before mlx.core is first imported: its BLAS is bound then
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from ..errors import PackError  # noqa: E402
+from ..packing.targets import TARGETS  # noqa: E402
+from ..shards import open_regular, read_weight_map  # noqa: E402
 
 # diffusers' defaults for Flux2Transformer2DModel arguments, used where a config.json leaves one out
 # (tests/test_mlx_flux2.py checks them against the installed diffusers).
@@ -63,9 +69,12 @@ class _QuantizedLinear(nn.QuantizedLinear):
 
     When the pack's scales cannot be held exactly in the compute dtype (fp16 scales, bf16 compute) they are
     kept wider and `quantized_matmul` promotes its output; cast back so the rest of the graph stays in one dtype.
+    On a Linux CPU it computes the same product as MLX's dequantize and a dense matmul (see mlx_cpu).
     """
 
     def __call__(self, x: mx.array) -> mx.array:
+        if mlx_cpu.quantized_kernel_is_slow():
+            return mlx_cpu.dense_quantized_matmul(self, x).astype(x.dtype)
         return super().__call__(x).astype(x.dtype)
 
 
