@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,9 +309,17 @@ class ShardedWriter:
     any order and identical inputs give identical bytes.
     """
 
+    # Bytes written to a shard between background fdatasync calls. Written data otherwise waits in the page
+    # cache until close's fsync, and on a disk slower than the quantizer (klein's packs: 2.8-4 GB) most of it
+    # was still being written there: tens of seconds in which nothing else ran.
+    SYNC_BYTES = 256 << 20
+
     def __init__(self, directory: Path, entries: list[Entry], stem: str, max_shard_bytes: int,
                  metadata: dict[str, str] | None = None):
         self.directory, self.stem = Path(directory), stem
+        self._unsynced: list[int] = []
+        self._syncer = ThreadPoolExecutor(max_workers=1)
+        self._syncs: list = []
         self.layout = shard_layout(entries, stem, max_shard_bytes, metadata)
         self.files = [s.file for s in self.layout]
         self._where: dict[str, tuple[int, int, Entry]] = {}  # name -> (shard index, offset, entry)
@@ -321,6 +330,7 @@ class ShardedWriter:
             os.write(fd, shard.header)
             os.ftruncate(fd, len(shard.header) + shard.data_bytes)
             self._fds.append(fd)
+            self._unsynced.append(0)
             for e, start in zip(shard.entries, shard.offsets):
                 self._where[e.name] = (i, start, e)
                 self._pending.add(e.name)
@@ -332,13 +342,20 @@ class ShardedWriter:
             raise CheckpointError(f"internal: {name} is {tensor.dtype}{list(tensor.shape)}, "
                                   f"declared {entry.dtype}{list(entry.shape)}")
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+        self._unsynced[shard] += len(data)
         while data:
             written = os.pwrite(fd, data, offset)
             data, offset = data[written:], offset + written
         self._pending.discard(name)
+        if self._unsynced[shard] >= self.SYNC_BYTES:
+            self._unsynced[shard] = 0
+            self._syncs.append(self._syncer.submit(os.fdatasync, fd))
 
     def close(self) -> list[str]:
         """Finish the shards (and the index when sharded); returns the file names written."""
+        self._syncer.shutdown(wait=True)
+        for sync in self._syncs:
+            sync.result()  # an I/O error of a background sync is this write's error
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
@@ -354,6 +371,7 @@ class ShardedWriter:
         return files
 
     def abort(self) -> None:
+        self._syncer.shutdown(wait=True)  # no sync may still hold a descriptor closed here
         for fd in self._fds:
             os.close(fd)
         self._fds = []
