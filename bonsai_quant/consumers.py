@@ -343,6 +343,7 @@ def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored
     _, model = _run(name, "loading", lambda: load_bonsai(folder, config, bits))
     rng = np.random.default_rng(seed)
     matrices = kernels = 0
+    called: set[tuple[int, ...]] = set()  # the shapes whose kernel has been called
     for kernel, modules in _bonsai_kernels(model):
         want = np.concatenate([weight(m) for m in modules], axis=0)
         if isinstance(kernel, QuantizedLinearKernel):
@@ -361,19 +362,34 @@ def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored
                 f"shape {list(held.shape)}, the pack's is {list(want.shape)}"))
         matrices += 1
         if isinstance(kernel, QuantizedLinearKernel):
-            x = mx.array(rng.standard_normal((4, want.shape[1]), dtype=np.float32)).astype(mx.bfloat16)
             parts = {s: mx.concatenate([stored(f"{m}.{s}") for m in modules], axis=0)
                      for s in ("weight", "scales", "biases")}
-            expect = mx.quantized_matmul(x, parts["weight"], parts["scales"], parts["biases"],
-                                         group_size=qconfig.group_size, bits=bits)
-            got = _run(name, "per-layer kernel", lambda k=kernel, x=x: k(x))
-            if not np.array_equal(np.array(got.astype(mx.float32)), np.array(expect.astype(mx.float32))):
-                raise ConsumerError(f"{name}: the kernel of {'+'.join(modules)} differs from mx.quantized_matmul on "
-                                    "the pack's tensors")
+            # The kernel computes mx.quantized_matmul of what it holds at its bits and group size: with those
+            # equal to the pack's tensors and settings, it gives what the pack's tensors give. Its own call runs
+            # once per shape (MLX's CPU quantized_matmul takes seconds per klein layer, and the call is the same
+            # function of the same arrays for every layer of a shape).
+            for attr, suffix in (("packed_weight", "weight"), ("scales", "scales"), ("biases", "biases")):
+                held_part = getattr(kernel, attr)
+                if held_part.dtype != parts[suffix].dtype or not bool(mx.array_equal(held_part, parts[suffix])):
+                    raise ConsumerError(f"{name}: the kernel of {'+'.join(modules)} holds a {attr} that is not the "
+                                        f"pack's {suffix}")
+            if (kernel.bits, kernel.group_size) != (bits, qconfig.group_size):
+                raise ConsumerError(f"{name}: the kernel of {'+'.join(modules)} runs at {kernel.bits} bits, group "
+                                    f"{kernel.group_size}; the pack is {bits} bits, group {qconfig.group_size}")
+            if want.shape not in called:
+                called.add(want.shape)
+                x = mx.array(rng.standard_normal((4, want.shape[1]), dtype=np.float32)).astype(mx.bfloat16)
+                expect = mx.quantized_matmul(x, parts["weight"], parts["scales"], parts["biases"],
+                                             group_size=qconfig.group_size, bits=bits)
+                got = _run(name, "per-layer kernel", lambda k=kernel, x=x: k(x))
+                if not np.array_equal(np.array(got.astype(mx.float32)), np.array(expect.astype(mx.float32))):
+                    raise ConsumerError(f"{name}: the kernel of {'+'.join(modules)} differs from "
+                                        "mx.quantized_matmul on the pack's tensors")
             kernels += 1
     detail = (f"{name} {installed(name)}: loaded with {CONSUMERS[name].reads}; {matrices} held matrices equal the "
-              f"pack's decode exactly, {kernels} quantized kernels equal mx.quantized_matmul on the pack's tensors")
-    data = {"matrices": matrices, "kernels": kernels}
+              f"pack's decode exactly, {kernels} quantized kernels hold the pack's tensors and settings, one per shape "
+              f"({len(called)}) called and equal to mx.quantized_matmul on them")
+    data = {"matrices": matrices, "kernels": kernels, "kernels_called": len(called)}
     try:
         _forward(model, _tiny_inputs(config))
         detail += "; fused forward ran (not compared: it computes in bf16)"

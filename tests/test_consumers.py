@@ -164,8 +164,36 @@ def test_bonsai_loader_holds_our_decode_exactly(packs, mode):
     assert consumers.layout_problems(qconfig, ["diffusion_pytorch_model.safetensors"])["mlx-vlm-bonsai"] is None
     detail, data = consumers.check_bonsai(pack, _config(pack), qconfig, weight, stored)
     # tiny preset: 2 double blocks x (2 fused qkv + 6) + 2 single x 2 quantized; + 2 x 2 + 2 modulations + 4 outer
-    assert data == {"matrices": 16 + 4 + 4 + 2 + 4, "kernels": 16 + 4}
+    assert data == {"matrices": 16 + 4 + 4 + 2 + 4, "kernels": 16 + 4, "kernels_called": KERNEL_SHAPES}
     assert "fused forward needs Metal" in detail or "fused forward ran" in detail
+
+
+# The tiny preset's quantized kernels as the Bonsai loader fuses them, by (out, in): fused qkv, attention out,
+# feed-forward in / out (image and text streams alike), and the single blocks' fused input and output.
+KERNEL_SHAPES = 6
+
+
+@pytest.mark.parametrize("suffix", ["weight", "scales", "biases"])
+def test_bonsai_kernels_must_hold_the_packs_tensors_beyond_the_first_of_a_shape(packs, suffix):
+    """Each kernel shape is called once; every later kernel of that shape must hold exactly the pack's tensors
+    (which is what makes its call equal mx.quantized_matmul on them)."""
+    import mlx.core as mx
+
+    pack = packs["ternary", 128] / "mlx"
+    qconfig, weight, stored = _weights(pack)
+    victim = f"transformer_blocks.1.ff.linear_out.{suffix}"  # the second block: its shape was called in the first
+
+    def changed(name):
+        array = stored(name)
+        if name != victim:
+            return array
+        if suffix == "weight":
+            return mx.bitwise_xor(array, mx.array(1, dtype=array.dtype))
+        return array * 2
+
+    with pytest.raises(consumers.ConsumerError, match=rf"mlx-vlm-bonsai: the kernel of transformer_blocks\.1\.ff\."
+                                                      rf"linear_out holds a \w+ that is not the pack's {suffix}"):
+        consumers.check_bonsai(pack, _config(pack), qconfig, weight, changed)
 
 
 def test_bonsai_loader_changes_fp16_scales(tiny_ckpt, tmp_path):
