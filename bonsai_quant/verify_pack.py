@@ -25,6 +25,7 @@ from .figures import figure, fixed_threads
 from .flux2 import model_kwargs
 from .manifest import check_manifest
 from .pack_check import check_pack
+from .packing.bits import shared_slots
 from .packing.config import PackConfig, dtype_named
 from .packing.folders import CONFIG_NAME
 from .packing.formats import KEPT_DTYPES, MODE_BITS, SCALE_DTYPES
@@ -682,26 +683,27 @@ def check_exactness(pairs: list[tuple[PackVerifier, Step]]) -> None:
         names = list(dict.fromkeys(m for v, _ in live for m in v.qconfig.quantized))
     for name in names:
         weight, requants, decoded = None, {}, {}
-        for v, step in live:
-            if not alive(v):
-                continue
-            with _step_of(step):
-                if not with_source:
-                    if name in v.qconfig.quantized:
-                        decoded[id(v)] = v._check_layer(name)
+        with shared_slots():  # packs sharing a re-quantization derive its stored bytes once
+            for v, step in live:
+                if not alive(v):
                     continue
-                if weight is None:
-                    weight = ckpt.load(name)
-                d = v._decisions[name]
-                if d.action == "keep":
-                    v._check_kept_source(d, weight)
-                    continue
-                if d.module not in v.qconfig.quantized:
-                    _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
-                key = v._requant_key(d)
-                if key not in requants:
-                    requants[key] = v._requantize(d, weight)
-                decoded[id(v)] = (requants[key], v._check_layer(d.module, requants[key]))
+                with _step_of(step):
+                    if not with_source:
+                        if name in v.qconfig.quantized:
+                            decoded[id(v)] = v._check_layer(name)
+                        continue
+                    if weight is None:
+                        weight = ckpt.load(name)
+                    d = v._decisions[name]
+                    if d.action == "keep":
+                        v._check_kept_source(d, weight)
+                        continue
+                    if d.module not in v.qconfig.quantized:
+                        _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
+                    key = v._requant_key(d)
+                    if key not in requants:
+                        requants[key] = v._requantize(d, weight)
+                    decoded[id(v)] = (requants[key], v._check_layer(d.module, requants[key]))
         for v, _ in live:  # a pack whose twin differs here, or failed, has its own reference forward
             twin = v.twin
             if twin is v or not alive(v):
