@@ -326,42 +326,62 @@ def _bonsai_kernels(model):
         yield kernel, [module]
 
 
-def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored, seed: int = 0) -> tuple[str, dict]:
-    """Build the Bonsai transformer from the pack; every matrix it holds must equal our decode exactly (kept
-    tensors: their bf16 cast, which is what it reads), and each quantized kernel must give what
-    `mx.quantized_matmul` gives on the pack's own tensors. `weight(module)`: our float32 decode (or kept
-    tensor); `stored(name)`: a tensor of the pack as an mx array."""
-    mlx_cpu.enable()  # before mlx.core is first imported
+def _compare_held(name: str, kernel, modules: list[str], weight, wanted: dict) -> None:
+    """The matrix a Bonsai kernel holds, dequantized by MLX, against our decode of its modules: bit for bit.
+    `wanted` keeps our decode (as MLX holds it) by modules: the loader gives every block its own copy of the
+    shared modulation weights, and each copy is compared."""
     import mlx.core as mx
     from mlx_vlm.models.bonsai.klein_fast import (
         DenseLinearKernel,
         QuantizedLinearKernel,
     )
 
+    dense = isinstance(kernel, DenseLinearKernel)
+    if not dense and not isinstance(kernel, QuantizedLinearKernel):
+        raise ConsumerError(f"{name}: {'+'.join(modules)} is held as {type(kernel).__name__}")
+    key = tuple(modules)
+    if key not in wanted:
+        want = mx.array(np.concatenate([weight(m) for m in modules], axis=0))
+        wanted[key] = want.astype(mx.bfloat16) if dense else want  # dense: their bf16 cast is what it reads
+    want = wanted[key]
+    held = kernel.weight if dense else mx.dequantize(kernel.packed_weight, kernel.scales, kernel.biases,
+                                                     group_size=kernel.group_size, bits=kernel.bits).astype(mx.float32)
+    if held.shape == want.shape and held.dtype == want.dtype and bool(mx.array_equal(held, want)):
+        return
+    held, want = np.array(held.astype(mx.float32)), np.array(want.astype(mx.float32))
+    at = np.argwhere(held != want)[0].tolist() if held.shape == want.shape and (held != want).any() else None
+    raise ConsumerError(f"{name}: {'+'.join(modules)} holds " + (
+        f"{held[tuple(at)]} at {at}, the pack decodes to {want[tuple(at)]}" if at is not None else
+        f"shape {list(held.shape)}, the pack's is {list(want.shape)}"))
+
+
+def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored, seed: int = 0,
+                 dequantize_exact: frozenset = frozenset()) -> tuple[str, dict]:
+    """Build the Bonsai transformer from the pack; every matrix it holds must equal our decode exactly (kept
+    tensors: their bf16 cast, which is what it reads), and each quantized kernel must give what
+    `mx.quantized_matmul` gives on the pack's own tensors. `weight(module)`: our float32 decode (or kept
+    tensor); `stored(name)`: a tensor of the pack as an mx array. `dequantize_exact`: modules whose
+    `mx.dequantize` of the pack's own tensors was already found equal to our decode, bit for bit (verify's MLX
+    layer step): a kernel of only those that holds exactly the pack's tensors and settings holds our decode, so
+    it is not dequantized again (MLX's CPU dequantize costs ~0.5 s per klein layer)."""
+    mlx_cpu.enable()  # before mlx.core is first imported
+    import mlx.core as mx
+    from mlx_vlm.models.bonsai.klein_fast import QuantizedLinearKernel
+
     name = "mlx-vlm-bonsai"
     bits = {q.bits for q in qconfig.quantized.values()}.pop()
     _, model = _run(name, "loading", lambda: load_bonsai(folder, config, bits))
     rng = np.random.default_rng(seed)
-    matrices = kernels = 0
+    matrices = kernels = dequantized = 0
+    wanted: dict = {}
     called: set[tuple[int, ...]] = set()  # the shapes whose kernel has been called
     for kernel, modules in _bonsai_kernels(model):
-        want = np.concatenate([weight(m) for m in modules], axis=0)
-        if isinstance(kernel, QuantizedLinearKernel):
-            held = mx.dequantize(kernel.packed_weight, kernel.scales, kernel.biases, group_size=kernel.group_size,
-                                 bits=kernel.bits)
-        elif isinstance(kernel, DenseLinearKernel):
-            held = kernel.weight
-            want = np.array(mx.array(want).astype(mx.bfloat16).astype(mx.float32))
-        else:
-            raise ConsumerError(f"{name}: {'+'.join(modules)} is held as {type(kernel).__name__}")
-        held = np.array(held.astype(mx.float32))
-        if held.shape != want.shape or not np.array_equal(held, want):
-            at = np.argwhere(held != want)[0].tolist() if held.shape == want.shape else None
-            raise ConsumerError(f"{name}: {'+'.join(modules)} holds " + (
-                f"{held[tuple(at)]} at {at}, the pack decodes to {want[tuple(at)]}" if at is not None else
-                f"shape {list(held.shape)}, the pack's is {list(want.shape)}"))
-        matrices += 1
-        if isinstance(kernel, QuantizedLinearKernel):
+        quantized = isinstance(kernel, QuantizedLinearKernel)
+        if not (quantized and all(m in dequantize_exact for m in modules)):
+            _compare_held(name, kernel, modules, weight, wanted)
+            dequantized += 1
+        matrices += 1  # a kernel of modules in dequantize_exact: compared with the pack's tensors below
+        if quantized:
             parts = {s: mx.concatenate([stored(f"{m}.{s}") for m in modules], axis=0)
                      for s in ("weight", "scales", "biases")}
             # The kernel computes mx.quantized_matmul of what it holds at its bits and group size: with those
@@ -376,9 +396,10 @@ def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored
             if (kernel.bits, kernel.group_size) != (bits, qconfig.group_size):
                 raise ConsumerError(f"{name}: the kernel of {'+'.join(modules)} runs at {kernel.bits} bits, group "
                                     f"{kernel.group_size}; the pack is {bits} bits, group {qconfig.group_size}")
-            if want.shape not in called:
-                called.add(want.shape)
-                x = mx.array(rng.standard_normal((4, want.shape[1]), dtype=np.float32)).astype(mx.bfloat16)
+            shape = (parts["scales"].shape[0], parts["scales"].shape[1] * qconfig.group_size)
+            if shape not in called:
+                called.add(shape)
+                x = mx.array(rng.standard_normal((4, shape[1]), dtype=np.float32)).astype(mx.bfloat16)
                 expect = mx.quantized_matmul(x, parts["weight"], parts["scales"], parts["biases"],
                                              group_size=qconfig.group_size, bits=bits)
                 got = _run(name, "per-layer kernel", lambda k=kernel, x=x: k(x))
@@ -387,9 +408,10 @@ def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored
                                         "mx.quantized_matmul on the pack's tensors")
             kernels += 1
     detail = (f"{name} {installed(name)}: loaded with {CONSUMERS[name].reads}; {matrices} held matrices equal the "
-              f"pack's decode exactly, {kernels} quantized kernels hold the pack's tensors and settings, one per shape "
-              f"({len(called)}) called and equal to mx.quantized_matmul on them")
-    data = {"matrices": matrices, "kernels": kernels, "kernels_called": len(called)}
+              f"pack's decode exactly ({dequantized} dequantized here, the others hold the pack's own tensors, whose "
+              f"mx.dequantize was found exact), {kernels} quantized kernels hold the pack's tensors and settings, "
+              f"one per shape ({len(called)}) called and equal to mx.quantized_matmul on them")
+    data = {"matrices": matrices, "dequantized": dequantized, "kernels": kernels, "kernels_called": len(called)}
     try:
         _forward(model, _tiny_inputs(config))
         detail += "; fused forward ran (not compared: it computes in bf16)"

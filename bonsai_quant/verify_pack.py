@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,70 @@ def _mlx_layer_error(layer, w: np.ndarray, rng, module: str) -> float:
     return err
 
 
+def _scaled(codes: torch.Tensor, scales: torch.Tensor, g: int) -> torch.Tensor:
+    """codes * s in the scale dtype: exact (codes are -1, 0, +1), and the dtype mx.dequantize returns."""
+    out_f, in_f = codes.shape
+    return (codes.view(out_f, -1, g).to(scales.dtype) * scales.unsqueeze(-1)).view(out_f, in_f)
+
+
+def _from_mlx(array) -> torch.Tensor:
+    """An MLX 16- or 32-bit float array as a torch tensor of the same dtype (numpy has no bfloat16: through its
+    bits, no copy)."""
+    import mlx.core as mx
+
+    got = torch.from_numpy(np.asarray(array.view({2: mx.int16, 4: mx.int32}[array.dtype.size])))
+    return got.view({mx.bfloat16: torch.bfloat16, mx.float16: torch.float16, mx.float32: torch.float32}
+                    .get(array.dtype, got.dtype))
+
+
+def _mlx_dequantize_equal(module: str, deq, w: torch.Tensor) -> None:
+    """mx.dequantize's result against our decode of the same weights, bit for bit."""
+    got = _from_mlx(deq)
+    if got.dtype != w.dtype or not torch.equal(got, w):
+        bad = ((got.float() != w.float()).nonzero()[0].tolist() if got.shape == w.shape else None)
+        _fail(f"{module}: mlx.core.dequantize gives " + (
+            f"{got[tuple(bad)].item()} at {bad}, the pack decodes to {w[tuple(bad)].item()}"
+            if bad is not None else f"shape {list(got.shape)}, the pack decodes to {list(w.shape)}"))
+
+
+def _mlx_dequantize_values_equal(module: str, mlx_tensors: list, codes: torch.Tensor, scales: torch.Tensor,
+                                 mode: str, bits: int, g: int, pack) -> None:
+    """Every value mx.dequantize computes for a layer, at a fraction of its size: one group per distinct
+    (stored scale, stored bias, our decoded scale) of the layer, holding every code of the mode's alphabet,
+    dequantized by MLX and compared with code * our scale. A difference counts where the layer holds that code
+    in that group (a weight it really computes), and is reported there."""
+    import mlx.core as mx
+
+    _, mlx_scales, mlx_biases = mlx_tensors
+    stored_s, stored_b = _from_mlx(mlx_scales), _from_mlx(mlx_biases)
+    n_groups = scales.shape[1]
+    key = ((stored_s.view(torch.int16).long() & 0xFFFF) << 32 | (stored_b.view(torch.int16).long() & 0xFFFF) << 16
+           | (scales.view(torch.int16).long() & 0xFFFF))
+    _, first = np.unique(key.flatten().numpy(), return_index=True)
+    alphabet = torch.tensor([-1, 1] if mode == "binary" else [-1, 0, 1], dtype=torch.int8)
+    pattern = alphabet.repeat(-(-g // len(alphabet)))[:g].expand(len(first), g).contiguous()
+    ours = scales.flatten()[torch.from_numpy(first)].unsqueeze(1)
+    weight = pack.pack(pattern, torch.ones(len(first), 1, dtype=scales.dtype), mode, g)["weight"]  # the codes' bits alone
+    index = mx.array(first)
+    got = _from_mlx(mx.dequantize(mx.array(weight.view(torch.int32).numpy()).view(mx.uint32),
+                                  mlx_scales.flatten()[index][:, None], mlx_biases.flatten()[index][:, None],
+                                  group_size=g, bits=bits))
+    want = _scaled(pattern, ours, g)
+    if got.dtype == want.dtype and torch.equal(got, want):
+        return
+    grouped = codes.view(codes.shape[0], n_groups, g)
+    for r, c in (got.float() != want.float()).nonzero().tolist() if got.shape == want.shape else []:
+        row, group = divmod(int(first[r]), n_groups)
+        where = (grouped[row, group] == pattern[r, c]).nonzero()
+        if len(where):
+            column = group * g + int(where[0])
+            _fail(f"{module}: mlx.core.dequantize gives {got[r, c].item()} at [{row}, {column}], the pack "
+                  f"decodes to {want[r, c].item()}")
+    if got.dtype != want.dtype or got.shape != want.shape:
+        _fail(f"{module}: mlx.core.dequantize gives {got.dtype} {list(got.shape)} on the pack's tensors, the pack "
+              f"decodes to {want.dtype} {list(want.shape)}")
+
+
 def _gemlite_missing() -> str | None:
     """Why gemlite's kernels cannot run here, or None."""
     from .runtime.gemlite_backend import gemlite_available
@@ -154,6 +219,8 @@ class PackVerifier:
         self._decisions: dict = {}
         self._recipe = None
         self._stats = None
+        # Quantized modules whose mx.dequantize of this pack's tensors equals our decode bit for bit (step 3).
+        self.mlx_dequantize_exact: set[str] = set()
 
     @property
     def source_name(self) -> str:
@@ -371,37 +438,35 @@ class PackVerifier:
             arrays.update(mx.load(str(file)))
         g, worst, shapes = self.qconfig.group_size, 0.0, set()
         rng = np.random.default_rng(self.seed)
-        stored = TARGETS[self.qconfig.format].stored_name
-        # MLX's CPU quantized_matmul is a slow loop (mlx_cpu): it runs on all output features of the first layer
-        # of each shape and bits, and on the first MLX_LAYER_ROWS of every other (each input feature, so every
-        # group of the layout, goes through it).
+        pack = TARGETS[self.qconfig.format]
+        # MLX's CPU dequantize (~0.5 s per klein layer) and quantized_matmul are slow loops (mlx_cpu). Both run on
+        # all output features of the first layer of each shape and bits. mx.dequantize computes each weight from
+        # its position's bits and its group's scale and bias alone, so on every other layer it runs on the first
+        # MLX_LAYER_ROWS rows (positions) and on every distinct (scale, bias) pair of the layer with every code
+        # (values): together they cover every weight the layer holds. QuantizedLinear runs on those rows too
+        # (each input feature, so every group of the layout, goes through it).
         for module, info in self.qconfig.quantized.items():
             out_f, in_f = info.shape
-            bits = info.bits
-            weight, mlx_scales, biases = (arrays[stored(f"{module}.{s}")] for s in ("weight", "scales", "biases"))
-            deq = mx.dequantize(weight, mlx_scales, biases, group_size=g, bits=bits)
-            mx.async_eval(deq)  # on MLX's own thread, while torch decodes the pack below
-            codes, scales = self.decode(module)
-            # codes * s in the scale dtype: exact (codes are -1, 0, +1), and the dtype mx.dequantize returns.
-            w = (codes.view(out_f, -1, g).to(scales.dtype) * scales.unsqueeze(-1)).view(out_f, in_f)
-            # numpy has no bfloat16: MLX's result reaches torch through its bits (no copy).
-            got = torch.from_numpy(np.asarray(deq.view({2: mx.int16, 4: mx.int32}[deq.dtype.size])))
-            got = got.view({mx.bfloat16: torch.bfloat16, mx.float16: torch.float16, mx.float32: torch.float32}
-                           .get(deq.dtype, got.dtype))
-            if got.dtype != w.dtype or not torch.equal(got, w):
-                bad = ((got.float() != w.float()).nonzero()[0].tolist() if got.shape == w.shape else None)
-                _fail(f"{module}: mlx.core.dequantize gives " + (
-                    f"{got[tuple(bad)].item()} at {bad}, the pack decodes to {w[tuple(bad)].item()}"
-                    if bad is not None else f"shape {list(got.shape)}, the pack decodes to {list(w.shape)}"))
-            rows = min(out_f, MLX_LAYER_ROWS) if (bits, out_f, in_f) in shapes else out_f
+            bits, mode = info.bits, info.mode
+            mlx_tensors = [arrays[pack.stored_name(f"{module}.{s}")] for s in ("weight", "scales", "biases")]
+            full = (bits, out_f, in_f) not in shapes
             shapes.add((bits, out_f, in_f))
+            rows = out_f if full else min(out_f, MLX_LAYER_ROWS)
+            codes, scales = self.decode(module)
+            w = _scaled(codes[:rows], scales[:rows], g)
+            _mlx_dequantize_equal(module, mx.dequantize(*(t[:rows] for t in mlx_tensors), group_size=g, bits=bits),
+                                  w)
+            if not full:
+                _mlx_dequantize_values_equal(module, mlx_tensors, codes, scales, mode, bits, g, pack)
             layer = mnn.QuantizedLinear(in_f, rows, bias=False, group_size=g, bits=bits)
-            layer.weight, layer.scales, layer.biases = weight[:rows], mlx_scales[:rows], biases[:rows]
-            worst = max(worst, _mlx_layer_error(layer, w[:rows].float().numpy(), rng, module))
+            layer.weight, layer.scales, layer.biases = (t[:rows] for t in mlx_tensors)
+            worst = max(worst, _mlx_layer_error(layer, w.float().numpy(), rng, module))
+            self.mlx_dequantize_exact.add(module)
         step.data["max_rel_error"] = worst
-        step.detail = (f"mlx {mx.__version__}: dequantize exact on {len(self.qconfig.quantized)} layers; "
-                       f"QuantizedLinear on all output features of one layer per shape ({len(shapes)} shapes) and "
-                       f"the first {MLX_LAYER_ROWS} of the others, max rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
+        step.detail = (f"mlx {mx.__version__}: dequantize exact and QuantizedLinear on all output features of one "
+                       f"layer per shape ({len(shapes)} shapes) and on the first {MLX_LAYER_ROWS} of the others, "
+                       f"dequantize exact on every (scale, bias, code) of those others too: "
+                       f"{len(self.qconfig.quantized)} layers; max rel error {worst:.1e} (bound {MLX_LAYER_BOUND})")
 
     def _gemlite_layers(self, step: Step) -> None:
         missing = _gemlite_missing()
@@ -578,7 +643,8 @@ class PackVerifier:
             return reader.get(f"{module}.weight").float().numpy()
 
         step.detail, step.data = consumers.check_bonsai(self.folder, self.config, self.qconfig, weight,
-                                                        lambda n: arrays[stored(n)], self.seed)
+                                                        lambda n: arrays[stored(n)], self.seed,
+                                                        frozenset(self.mlx_dequantize_exact))
 
     def run(self) -> list[Step]:
         return run_packs([self])[0]
@@ -618,6 +684,8 @@ class SharedWork:
         self._checkpoint = None
         self.stats: dict = {}
         self._outputs: dict = {}
+        self._lock = threading.Lock()
+        self._computing: dict = {}  # key -> the lock held while one lane computes it
 
     def checkpoint(self):
         """(the source, its validated tensor specs), opened once."""
@@ -628,8 +696,11 @@ class SharedWork:
 
     def output(self, what: tuple, inputs: dict, compute) -> torch.Tensor:
         key = (*what, _inputs_digest(inputs))
-        if key not in self._outputs:
-            self._outputs[key] = compute()
+        with self._lock:
+            computing = self._computing.setdefault(key, threading.Lock())
+        with computing:  # the other lane waits for it rather than computing it again
+            if key not in self._outputs:
+                self._outputs[key] = compute()
         return self._outputs[key]
 
 
@@ -733,8 +804,8 @@ def _kept_equal(a: PackVerifier, b: PackVerifier) -> bool:
 
 def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
     """Every step on every pack: integrity of each, exactness of all together (`check_exactness`), then the
-    rest pack by pack. A pack that fails integrity or exactness stops there: later steps would only report
-    the same damage less precisely."""
+    rest in two lanes side by side, torch's forwards and MLX's steps, each in its packs' order. A pack that
+    fails integrity or exactness stops there: later steps would only report the same damage less precisely."""
     from .consumers import CONSUMERS
 
     results: list[list[Step]] = [[] for _ in verifiers]
@@ -755,6 +826,7 @@ def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
     check_exactness([(verifiers[i], step) for i, step in exact])
     for i, step in exact:
         results[i].append(finish(step))
+    lanes: dict[str, list] = {"torch": [], "mlx": []}
     for v, steps in zip(verifiers, results):
         if steps[-1].status == "fail":
             continue
@@ -766,26 +838,49 @@ def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
                 cache["reference"] = v.reference_output(cache["inputs"])
             return cache["inputs"], cache["reference"]
 
-        def e2e(step, v=v):
+        # Every closure binds its own pack's objects: they run after this loop has moved on.
+        def e2e(step, v=v, prepared=prepared):
             v.end_to_end(step, *prepared())
 
-        def mlx_e2e(step, v=v):
+        def mlx_e2e(step, v=v, prepared=prepared):
             if v.qconfig.format != "mlx":
                 step.status, step.detail = "skip", "not an MLX pack"
                 return
             v.mlx_end_to_end(step, *prepared())
 
-        for name, fn in (("runtime", v.real_runtime), ("cuda-runtime", v.cuda_runtime), ("end-to-end", e2e),
-                         ("mlx-end-to-end", mlx_e2e),
-                         *((name, lambda step, n=name, v=v, cache=cache: v.consumer(n, step, cache))
-                           for name in CONSUMERS)):
+        mlx_runtime = v.qconfig.format in ("mlx", "mflux")
+        for name, fn, lane, needs_reference in (
+                ("runtime", v.real_runtime, "mlx" if mlx_runtime else "torch", False),
+                ("cuda-runtime", v.cuda_runtime, "torch", False), ("end-to-end", e2e, "torch", True),
+                ("mlx-end-to-end", mlx_e2e, "mlx", True),
+                *((name, lambda step, n=name, v=v, cache=cache: v.consumer(n, step, cache), "mlx",
+                   name != "mlx-vlm-bonsai") for name in CONSUMERS)):
             step = Step(name)
+            steps.append(step)  # each pack's steps keep their order, whichever lane runs them
+            lanes[lane].append((needs_reference, step, fn))
+
+    def run_lane(tasks: list) -> None:
+        # The forwards against the reference last: the torch lane computes it meanwhile.
+        for _, step, fn in sorted(tasks, key=lambda t: t[0]):
             with _step_of(step):
-                # One thread makes the forwards' summation order, and so the reported errors, the same in
-                # every run: a release folder must not depend on the thread count.
-                with fixed_threads(1) if v.reproducible else contextlib.nullcontext():
-                    fn(step)
-            steps.append(finish(step))
+                fn(step)
+            finish(step)
+
+    busy = [tasks for tasks in lanes.values() if tasks]
+    # Two lanes, torch's and MLX's, one thread each, side by side: MLX's CPU work runs on one core, so the
+    # torch forwards take the other. One torch thread also makes the forwards' summation order, and so the
+    # reported errors, the same in every run and on every machine (a release folder must not depend on them).
+    one_thread = len(busy) > 1 or any(v.reproducible for v in verifiers)
+    with fixed_threads(1) if one_thread else contextlib.nullcontext():
+        if len(busy) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(busy), thread_name_prefix="verify-lane") as pool:
+                for future in [pool.submit(run_lane, tasks) for tasks in busy]:
+                    future.result()
+        else:
+            for tasks in busy:
+                run_lane(tasks)
     return results
 
 

@@ -164,8 +164,26 @@ def test_bonsai_loader_holds_our_decode_exactly(packs, mode):
     assert consumers.layout_problems(qconfig, ["diffusion_pytorch_model.safetensors"])["mlx-vlm-bonsai"] is None
     detail, data = consumers.check_bonsai(pack, _config(pack), qconfig, weight, stored)
     # tiny preset: 2 double blocks x (2 fused qkv + 6) + 2 single x 2 quantized; + 2 x 2 + 2 modulations + 4 outer
-    assert data == {"matrices": 16 + 4 + 4 + 2 + 4, "kernels": 16 + 4, "kernels_called": KERNEL_SHAPES}
+    assert data == {"matrices": 16 + 4 + 4 + 2 + 4, "dequantized": 16 + 4 + 4 + 2 + 4, "kernels": 16 + 4,
+                    "kernels_called": KERNEL_SHAPES}
     assert "fused forward needs Metal" in detail or "fused forward ran" in detail
+
+
+def test_bonsai_check_dequantizes_only_what_was_not_found_exact(packs):
+    """Quantized kernels of modules whose mx.dequantize was already found exact are compared through the pack's
+    tensors they hold; the 16-bit matrices are still compared with the pack's."""
+    pack = packs["ternary", 128] / "mlx"
+    qconfig, weight, stored = _weights(pack)
+    calls = []
+
+    def counted(module):
+        calls.append(module)
+        return weight(module)
+
+    _, data = consumers.check_bonsai(pack, _config(pack), qconfig, counted, stored,
+                                     dequantize_exact=frozenset(qconfig.quantized))
+    assert data == {"matrices": 30, "dequantized": 4 + 2 + 4, "kernels": 20, "kernels_called": KERNEL_SHAPES}
+    assert not set(calls) & set(qconfig.quantized)
 
 
 # The tiny preset's quantized kernels as the Bonsai loader fuses them, by (out, in): fused qkv, attention out,
@@ -173,8 +191,9 @@ def test_bonsai_loader_holds_our_decode_exactly(packs, mode):
 KERNEL_SHAPES = 6
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("suffix", ["weight", "scales", "biases"])
-def test_bonsai_kernels_must_hold_the_packs_tensors_beyond_the_first_of_a_shape(packs, suffix):
+def test_bonsai_kernels_must_hold_the_packs_tensors_beyond_the_first_of_a_shape(packs, suffix, exact):
     """Each kernel shape is called once; every later kernel of that shape must hold exactly the pack's tensors
     (which is what makes its call equal mx.quantized_matmul on them)."""
     import mlx.core as mx
@@ -193,7 +212,8 @@ def test_bonsai_kernels_must_hold_the_packs_tensors_beyond_the_first_of_a_shape(
 
     with pytest.raises(consumers.ConsumerError, match=rf"mlx-vlm-bonsai: the kernel of transformer_blocks\.1\.ff\."
                                                       rf"linear_out holds a \w+ that is not the pack's {suffix}"):
-        consumers.check_bonsai(pack, _config(pack), qconfig, weight, changed)
+        consumers.check_bonsai(pack, _config(pack), qconfig, weight, changed,
+                               dequantize_exact=frozenset(qconfig.quantized) if exact else frozenset())
 
 
 def test_bonsai_loader_changes_fp16_scales(tiny_ckpt, tmp_path):

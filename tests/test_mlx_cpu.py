@@ -141,3 +141,22 @@ def test_dense_quantized_matmul_is_quantized_matmul_in_another_order(bits, scale
     with mlx_cpu.dense_quantized_linears():  # an application's own QuantizedLinear takes the same path
         assert mx.array_equal(layer(x), got)
     assert mx.array_equal(layer(x), want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_affine_dequantize_is_mlx_dequantize_bit_for_bit(bits, group_size):
+    """Any scales and biases (not only a pack's s and -s), so the rounding order is MLX's, not just the values."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(bits * group_size)
+    words = rng.integers(0, 2**32, size=(48, 256 * bits // 32), dtype=np.uint32)
+    scales = rng.standard_normal((48, 256 // group_size)).astype(np.float32) * 3
+    biases = rng.standard_normal((48, 256 // group_size)).astype(np.float32)
+    want = np.array(mx.dequantize(mx.array(words), mx.array(scales), mx.array(biases), group_size=group_size,
+                                  bits=bits))
+    got = mlx_cpu.affine_dequantize(words, scales, biases, group_size, bits)
+    assert got.dtype == np.float32 and got.shape == (48, 256)
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    again = mlx_cpu.affine_dequantize(words[:7], scales[:7], biases[:7], group_size, bits)  # reuses the buffer
+    assert np.array_equal(again.view(np.int32), want[:7].view(np.int32))

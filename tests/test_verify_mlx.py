@@ -33,8 +33,9 @@ def test_a_full_run_of_the_layer_check_covers_every_shape(pack):
     _verifier(pack).real_runtime(step)
     assert step.status == "pass"
     assert ROW >= MLX_LAYER_ROWS
-    assert "dequantize exact on 28 layers; QuantizedLinear on all output features of one layer per shape " \
-           f"(5 shapes) and the first {MLX_LAYER_ROWS} of the others, max rel error" in step.detail
+    assert "dequantize exact and QuantizedLinear on all output features of one layer per shape (5 shapes) and " \
+           f"on the first {MLX_LAYER_ROWS} of the others, dequantize exact on every (scale, bias, code) of those " \
+           "others too: 28 layers; max rel error" in step.detail
 
 
 @pytest.mark.parametrize("tensor", ["scales", "biases", "both"])
