@@ -8,6 +8,7 @@ is compared, and each pack's own runtime forward is what is run)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -448,7 +449,8 @@ class PackVerifier:
         for module, info in self.qconfig.quantized.items():
             out_f, in_f = info.shape
             bits, mode = info.bits, info.mode
-            mlx_tensors = [arrays[pack.stored_name(f"{module}.{s}")] for s in ("weight", "scales", "biases")]
+            # Popped: a tensor MLX has read stays in memory as long as it is referenced (the whole pack otherwise).
+            mlx_tensors = [arrays.pop(pack.stored_name(f"{module}.{s}")) for s in ("weight", "scales", "biases")]
             full = (bits, out_f, in_f) not in shapes
             shapes.add((bits, out_f, in_f))
             rows = out_f if full else min(out_f, MLX_LAYER_ROWS)
@@ -561,9 +563,11 @@ class PackVerifier:
 
     def _reference_forward(self, inputs: dict) -> torch.Tensor:
         reader, g, scratch = self.reader, self.qconfig.group_size, _Scratch()  # freed with the forward
-        kept = {name: reader.get(name).float() for name in self.qconfig.kept}
         fetch = {module: (lambda m=module, shape=info.shape: dequantize(*self.decode(m), g, out=scratch.take(shape)))
                  for module, info in self.qconfig.quantized.items()}
+        lazy = _lazy_kept(self.qconfig.kept, fetch)
+        fetch.update({m: (lambda n=f"{m}.weight": scratch.take(reader.shape(n)).copy_(reader.get(n))) for m in lazy})
+        kept = {name: reader.get(name).float() for name in self.qconfig.kept if name.removesuffix(".weight") not in lazy}
         return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
@@ -575,7 +579,9 @@ class PackVerifier:
     def _source_forward(self, inputs: dict) -> torch.Tensor:
         ckpt, _ = self.shared.checkpoint()
         scratch, modules = _Scratch(), set(self.qconfig.quantized)
-        kept = {n: ckpt.load(n).float() for n in ckpt.tensors if n.removesuffix(".weight") not in modules}
+        rest = [n for n in ckpt.tensors if n.removesuffix(".weight") not in modules]
+        modules |= _lazy_kept(rest, modules)
+        kept = {n: ckpt.load(n).float() for n in rest if n.removesuffix(".weight") not in modules}
 
         def weight(module: str) -> torch.Tensor:
             name = f"{module}.weight"
@@ -643,12 +649,24 @@ class PackVerifier:
             return reader.get(f"{module}.weight").float().numpy()
 
         step.detail, step.data = consumers.check_bonsai(self.folder, self.config, self.qconfig, weight,
-                                                        lambda n: arrays[stored(n)], self.seed,
+                                                        lambda n: arrays.pop(stored(n)), self.seed,
                                                         frozenset(self.mlx_dequantize_exact))
 
     def run(self) -> list[Step]:
         return run_packs([self])[0]
 
+
+# Kept linears read per call in the float32 reference forwards, as the quantized ones are: each is used once a
+# forward, and klein's (modulations, context embedder, output norm) are ~0.7 GB in float32. diffusers calls
+# them as plain bias-free nn.Linear: nothing reads their .weight.
+_LAZY_KEPT = ("context_embedder", "norm_out.linear", "double_stream_modulation_img.linear",
+              "double_stream_modulation_txt.linear", "single_stream_modulation.linear")
+
+
+def _lazy_kept(names, taken) -> set[str]:
+    """The modules of _LAZY_KEPT whose weight is among kept tensors `names` (and no bias), not in `taken`."""
+    names = set(names)
+    return {m for m in _LAZY_KEPT if f"{m}.weight" in names and f"{m}.bias" not in names and m not in taken}
 
 class _Scratch:
     """One float32 block reused for every dense weight of one reference forward: a fresh ~340 MB tensor per
@@ -865,6 +883,7 @@ def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
             with _step_of(step):
                 fn(step)
             finish(step)
+            gc.collect()  # the consumers' models hold reference cycles: a full-size one is GBs
 
     busy = [tasks for tasks in lanes.values() if tasks]
     # Two lanes, torch's and MLX's, one thread each, side by side: MLX's CPU work runs on one core, so the

@@ -59,6 +59,18 @@ class PackReader:
         self.stored = {n: i.name for n, i in headers.items()}
         self._handles = {}
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (nothing read)."""
+        file = self.files.get(name)
+        if file is None:
+            raise PackError(f"{self.folder}: tensor {name!r} is missing from the pack")
+        from safetensors import safe_open
+
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), "pt", backend="pread")
+        return tuple(handle.get_slice(self.stored[name]).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
