@@ -79,6 +79,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
 
 
+def _same_tensor(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Same dtype, shape and every bit."""
+    return got.dtype == want.dtype and got.shape == want.shape and torch.equal(_bits(got), _bits(want))
+
+
 def _fail(msg: str):
     raise _Fail(msg)
 
@@ -340,7 +345,19 @@ class PackVerifier:
 
     def _check_layer(self, module: str, requant=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One quantized layer, decoded once: codes in the alphabet (the decoder checks), scales finite and
-        >= 0, and with a re-quantization, its codes, scales and every stored bit."""
+        >= 0, and with a re-quantization, its codes, scales and every stored bit.
+
+        With a re-quantization the stored tensors are first compared with packing it: when every bit is equal,
+        the pack holds exactly what packing the re-quantization gives, whose decode is the re-quantization
+        (the packers' round trip, tests/test_pack_contract.py), so the layer is not decoded again. Otherwise it
+        is decoded, to say which code or scale differs."""
+        if requant is not None:
+            mode, g = self.qconfig.quantized[module].mode, self._recipe.group_size
+            packed = TARGETS[self.qconfig.format].pack(requant.codes, requant.scales, mode, g)
+            if all(_same_tensor(self.reader.get(f"{module}.{suffix}"), want) for suffix, want in packed.items()):
+                if not bool(torch.isfinite(requant.scales).all()) or bool((requant.scales < 0).any()):
+                    _fail(f"{module}: scales must be finite and >= 0")
+                return requant.codes, requant.scales
         codes, scales = self.decode(module)
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             _fail(f"{module}: scales must be finite and >= 0")
@@ -357,8 +374,7 @@ class PackVerifier:
         # Every stored bit, not only what decodes: padding, side tensors (gemlite metadata, MLX biases).
         mode, g = self.qconfig.quantized[module].mode, self._recipe.group_size
         for suffix, want in TARGETS[self.qconfig.format].pack(requant.codes, requant.scales, mode, g).items():
-            got = self.reader.get(f"{module}.{suffix}")
-            if got.dtype != want.dtype or not torch.equal(_bits(got), _bits(want)):
+            if not _same_tensor(self.reader.get(f"{module}.{suffix}"), want):
                 _fail(f"{module}.{suffix}: stored bytes differ from packing the re-quantized source "
                       "(bits outside the decoded codes and scales changed)")
         return codes, scales
@@ -770,35 +786,64 @@ def check_exactness(pairs: list[tuple[PackVerifier, Step]]) -> None:
         names = list(specs)
     else:
         names = list(dict.fromkeys(m for v, _ in live for m in v.qconfig.quantized))
-    for name in names:
-        weight, requants, decoded = None, {}, {}
-        with shared_slots():  # packs sharing a re-quantization derive its stored bytes once
-            for v, step in live:
-                if not alive(v):
-                    continue
-                with _step_of(step):
-                    if not with_source:
-                        if name in v.qconfig.quantized:
-                            decoded[id(v)] = v._check_layer(name)
-                        continue
-                    if weight is None:
-                        weight = ckpt.load(name)
-                    d = v._decisions[name]
-                    if d.action == "keep":
-                        v._check_kept_source(d, weight)
-                        continue
-                    if d.module not in v.qconfig.quantized:
-                        _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
-                    key = v._requant_key(d)
-                    if key not in requants:
-                        requants[key] = v._requantize(d, weight)
-                    decoded[id(v)] = (requants[key], v._check_layer(d.module, requants[key]))
-        for v, _ in live:  # a pack whose twin differs here, or failed, has its own reference forward
-            twin = v.twin
-            if twin is v or not alive(v):
+    def source_work(name: str):
+        """The source tensor and its re-quantizations, one per distinct key among the packs that quantize it;
+        a failure is kept in place of its result, for the packs that need it to fail with."""
+        try:
+            weight = ckpt.load(name)
+        except BonsaiError as e:
+            return e, {}
+        requants: dict = {}
+        for v, _ in live:
+            d = v._decisions[name]
+            if d.action == "keep" or d.module not in v.qconfig.quantized:
                 continue
-            if not alive(twin) or id(v) in decoded and not _decoded_equal(decoded[id(v)], decoded[id(twin)]):
-                v.twin = v
+            key = v._requant_key(d)
+            if key not in requants:
+                try:
+                    requants[key] = v._requantize(d, weight)
+                except (_Fail, BonsaiError) as e:
+                    requants[key] = e
+        return weight, requants
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The next tensor is read and re-quantized on a second thread while the packs' layers of this one are
+    # decoded and compared (the two halves take about as long on klein).
+    with ThreadPoolExecutor(1, thread_name_prefix="verify-source") as pool:
+        ahead = pool.submit(source_work, names[0]) if with_source and names else None
+        for i, name in enumerate(names):
+            weight, requants, decoded = None, {}, {}
+            if ahead is not None:
+                weight, requants = ahead.result()
+                ahead = pool.submit(source_work, names[i + 1]) if i + 1 < len(names) else None
+            with shared_slots():  # packs sharing a re-quantization derive its stored bytes once
+                for v, step in live:
+                    if not alive(v):
+                        continue
+                    with _step_of(step):
+                        if not with_source:
+                            if name in v.qconfig.quantized:
+                                decoded[id(v)] = v._check_layer(name)
+                            continue
+                        if isinstance(weight, Exception):
+                            raise weight
+                        d = v._decisions[name]
+                        if d.action == "keep":
+                            v._check_kept_source(d, weight)
+                            continue
+                        if d.module not in v.qconfig.quantized:
+                            _fail(f"{d.name}: the recorded recipe quantizes it, but the pack keeps it")
+                        requant = requants[v._requant_key(d)]
+                        if isinstance(requant, Exception):
+                            raise requant
+                        decoded[id(v)] = (requant, v._check_layer(d.module, requant))
+            for v, _ in live:  # a pack whose twin differs here, or failed, has its own reference forward
+                twin = v.twin
+                if twin is v or not alive(v):
+                    continue
+                if not alive(twin) or id(v) in decoded and not _decoded_equal(decoded[id(v)], decoded[id(twin)]):
+                    v.twin = v
     for v, step in live:
         if not alive(v):
             v.twin = v
