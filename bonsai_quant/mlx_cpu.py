@@ -170,6 +170,25 @@ def enable() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def blas_threads(threads: int):
+    """numpy's OpenBLAS (MLX's matmuls here, once enabled) on `threads` threads for the duration: where another
+    thread keeps the other cores busy, its spinning workers only take time from it. Results do not change (see
+    the module's docstring)."""
+    blas = _numpy_openblas() if sys.platform.startswith("linux") else None
+    get = getattr(blas, "scipy_openblas_get_num_threads64_", None)
+    set_ = getattr(blas, "scipy_openblas_set_num_threads64_", None)
+    if get is None or set_ is None:
+        yield
+        return
+    before = get()
+    set_(ctypes.c_int(threads))
+    try:
+        yield
+    finally:
+        set_(ctypes.c_int(before))
+
+
 def calls() -> int | None:
     """How many BLAS calls the shim forwarded in this process (None when it is not loaded)."""
     shim = _state.get("shim")

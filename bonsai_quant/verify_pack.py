@@ -935,7 +935,10 @@ def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
     # torch forwards take the other. One torch thread also makes the forwards' summation order, and so the
     # reported errors, the same in every run and on every machine (a release folder must not depend on them).
     one_thread = len(busy) > 1 or any(v.reproducible for v in verifiers)
-    with fixed_threads(1) if one_thread else contextlib.nullcontext():
+    from .mlx_cpu import blas_threads
+
+    with (fixed_threads(1) if one_thread else contextlib.nullcontext(),
+          blas_threads(1) if len(busy) > 1 else contextlib.nullcontext()):
         if len(busy) > 1:
             from concurrent.futures import ThreadPoolExecutor
 

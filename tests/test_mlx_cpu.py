@@ -160,3 +160,11 @@ def test_affine_dequantize_is_mlx_dequantize_bit_for_bit(bits, group_size):
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
     again = mlx_cpu.affine_dequantize(words[:7], scales[:7], biases[:7], group_size, bits)  # reuses the buffer
     assert np.array_equal(again.view(np.int32), want[:7].view(np.int32))
+
+
+def test_blas_threads_sets_and_restores_numpys_openblas():
+    blas = mlx_cpu._numpy_openblas()
+    before = blas.scipy_openblas_get_num_threads64_()
+    with mlx_cpu.blas_threads(1):
+        assert blas.scipy_openblas_get_num_threads64_() == 1
+    assert blas.scipy_openblas_get_num_threads64_() == before
