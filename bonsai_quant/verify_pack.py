@@ -815,7 +815,11 @@ def check_exactness(pairs: list[tuple[PackVerifier, Step]]) -> None:
         for i, name in enumerate(names):
             weight, requants, decoded = None, {}, {}
             if ahead is not None:
+                waited = time.perf_counter()
                 weight, requants = ahead.result()
+                waited = time.perf_counter() - waited
+                for _, step in live:  # each pack's step waited for it
+                    step.seconds += waited
                 ahead = pool.submit(source_work, names[i + 1]) if i + 1 < len(names) else None
             with shared_slots():  # packs sharing a re-quantization derive its stored bytes once
                 for v, step in live:

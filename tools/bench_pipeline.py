@@ -4,7 +4,7 @@
 Each step runs in a fresh process (so peak RSS is its own) and is reported in seconds and as a ratio to the
 read floor measured in the same run: validating the checkpoint and streaming every tensor to float32, the least
 any step that looks at every weight must do. Targets (2 cores): convert <= 3x the floor and <= 1.5 GB;
-verify --source of one pack <= 3x; a verified three-pack ternary release <= 10x and <= 3 GB.
+verify --source of one pack <= 3x; a verified ternary release (its default packs) <= 10x and <= 3 GB.
 
     python tools/bench_pipeline.py --work /tmp/bonsai-bench            # makes the checkpoint first if missing
     python tools/bench_pipeline.py --steps read,convert --modes ternary   # a subset
@@ -113,7 +113,7 @@ def main() -> int:
                    measured(cli("repack", str(out / "bonsai"), "--target", "mlx", "--out",
                                 str(args.work / f"repack-{mode}"), "--force")))
     if "release" in steps:
-        record("release", "ternary, three packs, verified",
+        record("release", "ternary, its default packs, verified",
                measured(cli("release", "--model", str(ckpt), "--mode", "ternary", "--out",
                             str(args.work / "release-ternary"), "--force", "--quiet")))
     save()
