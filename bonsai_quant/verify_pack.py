@@ -151,7 +151,8 @@ def _mlx_dequantize_values_equal(module: str, mlx_tensors: list, codes: torch.Te
     alphabet = torch.tensor([-1, 1] if mode == "binary" else [-1, 0, 1], dtype=torch.int8)
     pattern = alphabet.repeat(-(-g // len(alphabet)))[:g].expand(len(first), g).contiguous()
     ours = scales.flatten()[torch.from_numpy(first)].unsqueeze(1)
-    weight = pack.pack(pattern, torch.ones(len(first), 1, dtype=scales.dtype), mode, g)["weight"]  # the codes' bits alone
+    # The codes' bits alone (the scales given to the packer are not used).
+    weight = pack.pack(pattern, torch.ones(len(first), 1, dtype=scales.dtype), mode, g)["weight"]
     index = mx.array(first)
     got = _from_mlx(mx.dequantize(mx.array(weight.view(torch.int32).numpy()).view(mx.uint32),
                                   mlx_scales.flatten()[index][:, None], mlx_biases.flatten()[index][:, None],
@@ -583,7 +584,8 @@ class PackVerifier:
                  for module, info in self.qconfig.quantized.items()}
         lazy = _lazy_kept(self.qconfig.kept, fetch)
         fetch.update({m: (lambda n=f"{m}.weight": scratch.take(reader.shape(n)).copy_(reader.get(n))) for m in lazy})
-        kept = {name: reader.get(name).float() for name in self.qconfig.kept if name.removesuffix(".weight") not in lazy}
+        kept = {name: reader.get(name).float() for name in self.qconfig.kept
+                if name.removesuffix(".weight") not in lazy}
         return lazy_dense_model(self.config, kept, fetch)(**inputs, return_dict=False)[0]
 
     @torch.no_grad()
