@@ -49,6 +49,8 @@ E2E_BOUND = 1e-4
 MLX_E2E_BOUND = 1e-4
 # QuantizedLinear against x @ W^T with W exact in float32: order only (~4e-7 measured).
 MLX_LAYER_BOUND = 1e-5
+# Packs at least this large have the garbage collector run after each of their MLX steps (verify's lanes).
+COLLECT_PACK_BYTES = 100_000_000
 # Output features of a layer that go through QuantizedLinear when another layer of its shape ran in full.
 MLX_LAYER_ROWS = 64
 # gemlite with fp16 activations against float32: measured 2.9e-4 on an H100 on every klein-4b layer.
@@ -918,6 +920,8 @@ def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
             v.mlx_end_to_end(step, *prepared())
 
         mlx_runtime = v.qconfig.format in ("mlx", "mflux")
+        # A collection costs ~0.3 s with torch, diffusers and MLX loaded: worth it only where a model is large.
+        large = sum(f.stat().st_size for f in v.folder.glob("*.safetensors")) >= COLLECT_PACK_BYTES
         for name, fn, lane, needs_reference in (
                 ("runtime", v.real_runtime, "mlx" if mlx_runtime else "torch", False),
                 ("cuda-runtime", v.cuda_runtime, "torch", False), ("end-to-end", e2e, "torch", True),
@@ -926,15 +930,16 @@ def run_packs(verifiers: list[PackVerifier]) -> list[list[Step]]:
                    name != "mlx-vlm-bonsai") for name in CONSUMERS)):
             step = Step(name)
             steps.append(step)  # each pack's steps keep their order, whichever lane runs them
-            lanes[lane].append((needs_reference, step, fn))
+            lanes[lane].append((needs_reference, step, fn, lane == "mlx" and large))
 
     def run_lane(tasks: list) -> None:
         # The forwards against the reference last: the torch lane computes it meanwhile.
-        for _, step, fn in sorted(tasks, key=lambda t: t[0]):
+        for _, step, fn, collect in sorted(tasks, key=lambda t: t[0]):
             with _step_of(step):
                 fn(step)
             finish(step)
-            gc.collect()  # the consumers' models hold reference cycles: a full-size one is GBs
+            if collect:  # the consumers' MLX models hold reference cycles: a full-size one is GBs
+                gc.collect()
 
     busy = [tasks for tasks in lanes.values() if tasks]
     # Two lanes, torch's and MLX's, one thread each, side by side: MLX's CPU work runs on one core, so the
