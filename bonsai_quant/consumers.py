@@ -348,11 +348,12 @@ def _compare_held(name: str, kernel, modules: list[str], weight, wanted: dict) -
                                                      group_size=kernel.group_size, bits=kernel.bits).astype(mx.float32)
     if held.shape == want.shape and held.dtype == want.dtype and bool(mx.array_equal(held, want)):
         return
+    held_type, want_type = f"{held.dtype} {list(held.shape)}", f"{want.dtype} {list(want.shape)}"
     held, want = np.array(held.astype(mx.float32)), np.array(want.astype(mx.float32))
     at = np.argwhere(held != want)[0].tolist() if held.shape == want.shape and (held != want).any() else None
     raise ConsumerError(f"{name}: {'+'.join(modules)} holds " + (
         f"{held[tuple(at)]} at {at}, the pack decodes to {want[tuple(at)]}" if at is not None else
-        f"shape {list(held.shape)}, the pack's is {list(want.shape)}"))
+        f"{held_type}, the pack's is {want_type}"))
 
 
 def check_bonsai(folder: Path, config: dict, qconfig: PackConfig, weight, stored, seed: int = 0,
